@@ -1,0 +1,178 @@
+"""The one configuration schema every stage reads.
+
+`default_config()` returns the paper-size settings (the reference's `aekl.yaml`, `ldae_pretrain.yaml`,
+`ldae_repr_learn.yaml`). Config files under `configs/` start from it and override fields; they never add
+fields, so a typo in a config file or on the command line (`--config.unet.base_chanels=8`) fails loudly
+instead of being ignored. Tuples (not lists) so that ml_collections accepts command-line overrides.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+STAGES = ("autoencoder", "latents", "ldm", "representation", "all")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "paper"
+  c.stage = "all"
+  c.seed = 42
+
+  # ---------------------------------------------------------------- data
+  c.data = ml_collections.ConfigDict()
+  # CSV manifest (columns: subject, path, diagnosis, age, [session], [latent_path]). Empty: generate the
+  # synthetic cohort described by `data.synthetic` into `<workdir>/cohort` and use its manifest.
+  c.data.manifest = ""
+  c.data.image_shape = (128, 160, 128)  # (X, Y, Z), RAS, the reference's crop
+  c.data.spacing_mm = 1.5
+  c.data.percentile_clip = 0.0  # 0 = plain min-max (reference); e.g. 99.5 clips the top 0.5 % first
+  c.data.classes = ("AD", "CN", "MCI")
+  c.data.val_fraction = 0.005
+  c.data.test_fraction = 0.1
+  c.data.split_seed = 42
+  c.data.num_workers = 0  # grain worker processes (0 = read in the main process)
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.subjects = 200
+  c.data.synthetic.seed = 0
+
+  # ---------------------------------------------------------------- networks
+  c.autoencoder = ml_collections.ConfigDict()
+  c.autoencoder.in_channels = 1
+  c.autoencoder.channels = (64, 128, 128, 128)  # one entry per level; len-1 downsamplings
+  c.autoencoder.latent_channels = 3
+  c.autoencoder.num_res_blocks = 2
+  c.autoencoder.norm_groups = 32
+  c.autoencoder.norm_eps = 1e-6
+
+  c.discriminator = ml_collections.ConfigDict()
+  c.discriminator.num_layers = 3
+  c.discriminator.channels = 64
+  c.discriminator.in_channels = 1
+
+  c.unet = ml_collections.ConfigDict()
+  c.unet.in_channels = 3
+  c.unet.base_channels = 256
+  c.unet.channel_mult = (1, 2, 3)
+  c.unet.num_res_blocks = 2
+  c.unet.attention_resolutions = (2, 4)
+  c.unet.num_heads = 1
+  c.unet.dropout = 0.1
+  c.unet.norm_groups = 32
+
+  c.encoder = ml_collections.ConfigDict()
+  # ConvNeXt block settings: (channels, depth) per stage (ConvNeXt-Small).
+  c.encoder.dims = (96, 192, 384, 768)
+  c.encoder.depths = (3, 3, 27, 3)
+  c.encoder.stochastic_depth = 0.4
+  c.encoder.emb_dim = 768
+  c.encoder.num_heads = 8
+  c.encoder.seq_len = 128  # number of axial slices = image_shape[2]
+  c.encoder.attn_dropout = 0.1
+  c.encoder.pretrained_convnext = ""  # optional torchvision ConvNeXt state dict (.pth / converted .npz)
+
+  # Compute: parameters stay float32; activations in `compute_dtype`.
+  c.compute_dtype = "float32"  # "bfloat16" on accelerators
+  c.remat = False  # rematerialise each ResBlock / ConvNeXt block in the backward pass
+
+  # ---------------------------------------------------------------- diffusion
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.timesteps = 1000
+  c.diffusion.beta_schedule = "linear"  # or "cosine"
+  c.diffusion.beta_start = 1e-4
+  c.diffusion.beta_end = 0.02
+  c.diffusion.clamp_x0 = True  # reference behaviour (PDAE legacy); see docs
+  c.diffusion.clamp_range = 1.0
+  c.diffusion.pdae_gamma = 0.1
+  c.diffusion.scale_factor = 0.0  # 0 = computed from the data at the `latents` stage (1/std)
+
+  # ---------------------------------------------------------------- parallelism
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.param_sharding = "replicate"  # or "fsdp"
+  c.mesh.fsdp_min_size = 2**16  # parameters with fewer elements stay replicated
+
+  # Multi-host initialisation (empty/-1: auto-detect on SLURM / TPU / env, or single process).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""
+  c.distributed.num_processes = -1
+  c.distributed.process_id = -1
+  c.distributed.initialize = "auto"  # "auto" | "always" | "never"
+
+  # ---------------------------------------------------------------- training, one block per stage
+  def stage(batch, lr, steps, accum=1, ema=0.999, clip=1.0):
+    s = ml_collections.ConfigDict()
+    s.batch_size = batch  # global batch per optimizer micro-step
+    s.grad_accum = accum
+    s.lr = lr
+    s.b1 = 0.9
+    s.b2 = 0.999
+    s.eps = 1e-8
+    s.clip_norm = clip
+    s.steps = steps
+    s.ema_decay = ema
+    s.log_every = 50
+    s.checkpoint_every = 1000
+    s.keep_checkpoints = 3
+    return s
+
+  c.train = ml_collections.ConfigDict()
+  c.train.autoencoder = stage(batch=1, lr=5e-5, steps=100_000, accum=4, ema=0.0)
+  c.train.autoencoder.lr_disc = 1e-4
+  c.train.autoencoder.kl_weight = 1e-7
+  c.train.autoencoder.adv_weight = 0.025
+  c.train.autoencoder.perceptual_weight = 0.0  # needs user weights; off by default
+  c.train.autoencoder.perceptual_weights = ""
+  c.train.autoencoder.reference_disc_grad_leak = False  # reproduce the reference's G->D gradient leak
+  c.train.ldm = stage(batch=128, lr=2.5e-5, steps=200_000)
+  c.train.representation = stage(batch=8, lr=2.5e-5, steps=100_000, accum=4)
+  # Reference: EMA updated every micro-batch (0.999 per micro-batch ~ 0.996 per optimizer step with accum 4).
+  c.train.representation.reference_ema_per_microbatch = False
+  c.train.latents_batch_size = 4
+  c.train.latents_records_per_shard = 256
+  c.train.latents_store_images = True  # stage 3 needs the image beside its latent
+
+  # ---------------------------------------------------------------- evaluation
+  c.eval = ml_collections.ConfigDict()
+  c.eval.ddim_steps = (10, 20, 50, 100)
+  c.eval.batch_size = 4
+  c.eval.max_scans = 200
+  c.eval.ssim_kernel = 3
+  c.eval.manip_alphas = (-2.5, -1.0, 1.0, 2.5)
+  c.eval.num_variations = 4
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks cross-field constraints that a type check cannot see; raises ValueError naming the field."""
+  if config.stage not in STAGES:
+    raise ValueError(f"config.stage={config.stage!r}: must be one of {STAGES}.")
+  n_down = len(config.autoencoder.channels) - 1
+  for ax, size in zip("XYZ", config.data.image_shape):
+    if size % (2**n_down):
+      raise ValueError(
+          f"config.data.image_shape {tuple(config.data.image_shape)}: axis {ax}={size} is not divisible by "
+          f"2**{n_down} (the autoencoder's {n_down} downsamplings).")
+  latent = [s // 2**n_down for s in config.data.image_shape]
+  n_unet_down = len(config.unet.channel_mult) - 1
+  for ax, size in zip("YZ", latent[1:]):
+    if size % (2**n_unet_down):
+      raise ValueError(
+          f"latent axis {ax}={size} (image {tuple(config.data.image_shape)} / 2**{n_down}) is not divisible "
+          f"by 2**{n_unet_down}, the UNet's (1,2,2) downsamplings.")
+  if config.encoder.seq_len != config.data.image_shape[2]:
+    raise ValueError(
+        f"config.encoder.seq_len={config.encoder.seq_len} must equal the number of axial slices "
+        f"config.data.image_shape[2]={config.data.image_shape[2]}.")
+  if config.mesh.param_sharding not in ("replicate", "fsdp"):
+    raise ValueError(f"config.mesh.param_sharding={config.mesh.param_sharding!r}: 'replicate' or 'fsdp'.")
+  if config.compute_dtype not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"config.compute_dtype={config.compute_dtype!r}: float32, bfloat16 or float16.")
+
+
+def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+  """(X, Y, Z, C) of the autoencoder's latent for `config.data.image_shape`."""
+  f = 2 ** (len(config.autoencoder.channels) - 1)
+  x, y, z = (s // f for s in config.data.image_shape)
+  return (x, y, z, config.autoencoder.latent_channels)

@@ -1,0 +1,50 @@
+"""Shared test fixtures.
+
+The reference test vectors live in `../shared/reference` beside the checkout (or wherever
+LDAE_REFERENCE_DIR points). A user's clone has no such folder: tests that need it skip with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+# Tests compare float32 ports with reference numbers: never let a GPU's TF32 matmuls leak in.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> pathlib.Path | None:
+  env = os.environ.get("LDAE_REFERENCE_DIR")
+  candidates = [pathlib.Path(env)] if env else []
+  candidates.append(REPO.parent / "shared" / "reference")
+  for c in candidates:
+    if (c / "README.md").exists():
+      return c
+  return None
+
+
+@pytest.fixture(scope="session")
+def refdir() -> pathlib.Path:
+  d = reference_dir()
+  if d is None:
+    pytest.skip("reference test vectors not found: set LDAE_REFERENCE_DIR or place them at ../shared/reference")
+  return d
+
+
+@pytest.fixture(scope="session")
+def load_fixture(refdir):
+  """load_fixture('unet_tiny') -> dict of numpy arrays from `<refdir>/unet_tiny.npz`."""
+  cache = {}
+
+  def load(name: str) -> dict[str, np.ndarray]:
+    if name not in cache:
+      with np.load(refdir / f"{name}.npz") as z:
+        cache[name] = {k: z[k] for k in z.files}
+    return cache[name]
+
+  return load
