@@ -6,7 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKDIR="${1:-runs/quickstart}"
 python3 -m pip install -q -r requirements.txt
-export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 python3 train.py --config configs/quickstart.py --workdir "$WORKDIR"
 python3 evaluate.py --config configs/quickstart.py --workdir "$WORKDIR" --mode report
 echo "Outputs: $WORKDIR (report: $WORKDIR/report/report.md)"
