@@ -1,0 +1,111 @@
+"""What every trained stage does the same way: place the state on the mesh, compile the step ahead of
+time, resume from the newest checkpoint, run the loop and write the summary.
+
+A stage module builds its networks, a step-0 `TrainState`, a pure step function `(state, batch) ->
+(state, metrics)`, a grain iterator and abstract batch shapes; `train_stage` does the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from ldae_jax.parallel import mesh as pmesh
+from ldae_jax.training import loop
+from ldae_jax.training.checkpoint import Checkpointer
+from ldae_jax.training.state import TrainState, count_params
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class StageSpec:
+  """A trained stage, ready to run.
+
+  Attributes:
+    name: stage name (directory under the workdir, config.train block).
+    state: step-0 `TrainState` (host or device arrays; placed by `train_stage`).
+    step_fn: pure `(state, batch) -> (state, metrics)`; metrics are float32 scalars.
+    make_iterator: `() -> iterator` of process-local host batches with get_state/set_state.
+    batch_shapes: `{field: jax.ShapeDtypeStruct}` of one *global* batch (for AOT compilation).
+    samples_per_step: examples consumed per optimizer step (global batch x accumulation).
+    extra_summary: stage facts for summary.json (parameter counts, scale factor, ...).
+  """
+  name: str
+  state: TrainState
+  step_fn: Callable[[TrainState, PyTree], tuple[TrainState, dict]]
+  make_iterator: Callable[[], Iterator]
+  batch_shapes: dict[str, jax.ShapeDtypeStruct]
+  samples_per_step: int
+  extra_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def stage_dir(workdir: str | os.PathLike, name: str) -> pathlib.Path:
+  return pathlib.Path(workdir) / name
+
+
+def state_shardings(state: TrainState, mesh, config: ml_collections.ConfigDict) -> PyTree:
+  """Parameters, optimizer moments and EMA follow `config.mesh.param_sharding`; scalars stay replicated."""
+  return pmesh.shardings_from_config(state, mesh, config.mesh)
+
+
+def train_stage(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                mesh=None, stop_at: int | None = None) -> dict[str, Any] | None:
+  """Places, compiles, resumes and runs `spec`; returns the summary (None when stopped at `stop_at`)."""
+  cfg = config.train[spec.name]
+  sdir = stage_dir(workdir, spec.name)
+  sdir.mkdir(parents=True, exist_ok=True)
+  mesh = pmesh.make_mesh(config.mesh) if mesh is None else mesh
+  shardings = state_shardings(spec.state, mesh, config)
+  state = pmesh.shard_like(spec.state, shardings)
+  data_sharding = pmesh.batch_sharding(mesh)
+  for k, s in spec.batch_shapes.items():
+    pmesh.batch_size_per_device(s.shape[0], mesh)  # raises naming the config field when uneven
+  replicated = pmesh.replicated(mesh)
+  jitted = jax.jit(spec.step_fn, in_shardings=(shardings, data_sharding), out_shardings=(shardings, replicated),
+                   donate_argnums=(0,))
+  abstract_batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=data_sharding)
+                    for k, s in spec.batch_shapes.items()}
+  compiled = pmesh.compile_aot(jitted, pmesh.abstract_with_sharding(state, shardings), abstract_batch,
+                               name=f"{spec.name} step")
+  print(f"[{spec.name}] step compiled in {compiled.seconds:.1f} s on {mesh.devices.size} device(s), mesh "
+        f"{dict(mesh.shape)}; trainable parameters {count_params(state.params):,}", flush=True)
+
+  ckpt = Checkpointer(sdir / "checkpoints", keep=cfg.keep_checkpoints)
+  iterator = spec.make_iterator()
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(state)
+    start = int(jax.device_get(state.step))
+    if data_state is not None:
+      iterator.set_state(data_state)
+    print(f"[{spec.name}] resumed from {ckpt.directory}/{start}", flush=True)
+    logging.info("resumed %s at step %d", spec.name, start)
+  fields = tuple(spec.batch_shapes)
+
+  def to_device(host_batch):
+    return pmesh.global_batch_from_local({k: host_batch[k] for k in fields}, data_sharding)
+
+  try:
+    state, summary = loop.run_steps(
+        name=spec.name, stage_dir=sdir, step_fn=compiled, state=state, iterator=iterator, to_device=to_device,
+        ckpt=ckpt, total_steps=int(cfg.steps), log_every=max(1, int(cfg.log_every)),
+        checkpoint_every=max(1, int(cfg.checkpoint_every)), samples_per_step=spec.samples_per_step,
+        compile_seconds=compiled.seconds, start_step=start, stop_at=stop_at,
+        extra_summary={"mesh": dict(mesh.shape), "num_devices": int(mesh.devices.size),
+                       "trainable_parameters": count_params(state.params), **spec.extra_summary})
+  finally:
+    ckpt.close()
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+  if summary is not None:
+    loop.finish_stage(sdir, summary)
+  return summary

@@ -1,0 +1,153 @@
+"""Stage 2: eps-prediction pretraining of the latent UNet on the latent shards (reference §1.3).
+
+z0 = scale * mu (the posterior mean, not one stored posterior sample as the reference does, §6 bug 10: a
+baked-in sigma*eps sample puts a floor under the loss), t ~ U{0..T-1}, z_t = q_sample(z0, t, eps),
+L = mean (eps - UNet(z_t, t))^2 with dropout active. Adam with the reference's settings after global-norm
+clipping; gradient accumulation by `lax.scan`; EMA once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from ldae_jax.data import shards
+from ldae_jax.diffusion import losses
+from ldae_jax.diffusion.schedule import make_schedule
+from ldae_jax.training import common
+from ldae_jax.training import state as st
+
+NAME = "ldm"
+
+
+def shard_dir(workdir: str | os.PathLike, split: str = "train") -> pathlib.Path:
+  return pathlib.Path(workdir) / "latents" / "shards" / split
+
+
+def scale_factor(config: ml_collections.ConfigDict, meta: dict[str, Any], where: str) -> float:
+  """`config.diffusion.scale_factor` when set, else the data-derived one recorded by the `latents` stage."""
+  if config.diffusion.scale_factor:
+    return float(config.diffusion.scale_factor)
+  s = meta.get("scale_factor")
+  if not s or not np.isfinite(s) or s <= 0:
+    raise ValueError(f"{where}/metadata.json has no valid scale_factor ({s!r}); rerun the `latents` stage or "
+                     "set config.diffusion.scale_factor.")
+  return float(s)
+
+
+def check_latent_shape(config: ml_collections.ConfigDict, meta: dict[str, Any], where: str) -> tuple[int, ...]:
+  from ldae_jax.config import latent_shape  # pylint: disable=g-import-not-at-top
+  want = tuple(latent_shape(config))
+  got = tuple(meta["fields"]["mu"]["shape"])
+  if got != want:
+    raise ValueError(f"{where}: latents have shape {got} but config (data.image_shape, autoencoder.channels, "
+                     f"latent_channels) implies {want}; rerun the `latents` stage for this config.")
+  return got
+
+
+def make_step(graphdef, rng_state, tx: optax.GradientTransformation, sched, scale: float,
+              cfg: ml_collections.ConfigDict):
+  """The pure ldm train step `(state, batch) -> (state, metrics)`; batch = {'mu': (B*accum, X, Y, Z, C)}."""
+  accum = int(cfg.grad_accum)
+  decay = float(cfg.ema_decay)
+  timesteps = int(sched.num_timesteps)
+
+  def loss_fn(params, rest, batch, key):
+    model = st.merge_model(graphdef, params, rng_state, rest)
+    z0 = batch["mu"].astype(jnp.float32) * scale
+    k_t, k_n, k_d = jax.random.split(key, 3)
+    t = jax.random.randint(k_t, (z0.shape[0],), 0, timesteps)
+    noise = jax.random.normal(k_n, z0.shape, jnp.float32)
+    eps = model(losses.q_sample(sched, z0, t, noise), t, deterministic=False, rngs=nnx.Rngs(dropout=k_d))
+    return losses.eps_loss(eps, noise)
+
+  def grad_fn(params, rest, batch, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch, key)
+    return grads, rest, {"loss": loss}
+
+  def step(state: st.TrainState, batch):
+    grads, rest, metrics = st.accumulate_grads(grad_fn, state.params, state.rest, batch, st.step_key(state), accum)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = None if state.ema is None else st.ema_step(state.ema, state.params, params, decay)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rest=rest), metrics
+
+  return step
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> common.StageSpec:
+  from ldae_jax.models import build_unet  # pylint: disable=g-import-not-at-top
+  cfg = config.train.ldm
+  sdir = shard_dir(workdir)
+  meta = shards.read_metadata(sdir)
+  shape = check_latent_shape(config, meta, str(sdir))
+  scale = scale_factor(config, meta, str(sdir))
+  unet = build_unet(config, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+  graphdef, params, rng_state, rest = st.split_model(unet)
+  tx = st.make_optimizer(cfg)
+  state = st.create_state(params, rest, tx, seed=config.seed + 2, with_ema=cfg.ema_decay > 0)
+  sched = make_schedule(config.diffusion)
+  gbs = int(cfg.batch_size) * int(cfg.grad_accum)
+
+  def make_iterator():
+    return shards.make_iterator(sdir, global_batch_size=gbs, seed=int(config.seed), shuffle=True, repeat=True,
+                                drop_remainder=True, fields=("mu",), num_workers=int(config.data.num_workers))
+
+  return common.StageSpec(
+      name=NAME, state=state, step_fn=make_step(graphdef, rng_state, tx, sched, scale, cfg),
+      make_iterator=make_iterator, batch_shapes={"mu": jax.ShapeDtypeStruct((gbs,) + shape, jnp.float32)},
+      samples_per_step=gbs, extra_summary={"scale_factor": scale, "train_records": int(meta["count"])})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mesh=None,
+        stop_at: int | None = None) -> dict[str, Any] | None:
+  return common.train_stage(build(config, workdir), config, workdir, mesh=mesh, stop_at=stop_at)
+
+
+def ema_unet_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tuple[Any, int]:
+  """The stage-2 EMA UNet parameters (pure dict) from the newest `DIR/ldm` checkpoint, and its step.
+
+  Raises FileNotFoundError naming the path and the fix when there is none, ValueError when the checkpoint
+  was written for different UNet sizes. (Stage 3 must never train on a random UNet, §6 bug 1.)
+  """
+  from ldae_jax.models import build_unet  # pylint: disable=g-import-not-at-top
+  from ldae_jax.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  ckdir = pathlib.Path(workdir) / NAME / "checkpoints"
+  fix = (f"train stage 2 first (python train.py --config ... --workdir {workdir} --config.stage=ldm) or point "
+         "--workdir at a run that has it")
+  if not ckdir.is_dir() or not any(p.name.isdigit() for p in ckdir.iterdir()):
+    raise FileNotFoundError(f"stage-2 UNet weights not found: {ckdir} has no checkpoint; {fix}.")
+  cfg = config.train.ldm
+  abstract_unet = nnx.eval_shape(lambda: build_unet(config, nnx.Rngs(0)))
+  _, params, _, rest = st.split_model(abstract_unet)
+  tx = st.make_optimizer(cfg)
+  to_sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+  target = st.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=to_sds(params),
+      opt_state=jax.eval_shape(tx.init, to_sds(params)),
+      ema=to_sds(params) if cfg.ema_decay > 0 else None, rest=to_sds(rest),
+      key=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+                        target)
+  ckpt = Checkpointer(ckdir, keep=1000)
+  try:
+    try:
+      restored, _ = ckpt.restore(target)
+    except ValueError as e:
+      raise ValueError(f"stage-2 checkpoint {ckdir} does not match config.unet / config.autoencoder of this run "
+                       f"({e}); use the config stage 2 was trained with, or retrain stage 2.") from e
+    step = int(ckpt.latest_step())
+  finally:
+    ckpt.close()
+  weights = restored.ema if restored.ema is not None else restored.params
+  return weights, step
