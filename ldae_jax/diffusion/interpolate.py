@@ -42,6 +42,11 @@ def lerp(a: jax.Array, b: jax.Array, alpha: jax.Array | float) -> jax.Array:
   return (1.0 - w) * a + w * b
 
 
+def _safe_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """L2 norm over `axes`, floored at float32 `tiny`: no division by 0 and a finite gradient at x = 0."""
+  return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=axes), jnp.finfo(jnp.float32).tiny))
+
+
 def slerp(a: jax.Array, b: jax.Array, alpha: jax.Array | float) -> jax.Array:
   """Spherical interpolation per batch element: sin((1-alpha)t)/sin t * a + sin(alpha t)/sin t * b.
 
@@ -50,13 +55,9 @@ def slerp(a: jax.Array, b: jax.Array, alpha: jax.Array | float) -> jax.Array:
   a, b = _check_pair(a, b, "slerp")
   axes = tuple(range(1, a.ndim))
   keep = (a.shape[0],) + (1,) * (a.ndim - 1)
-  na = jnp.sqrt(jnp.sum(a * a, axis=axes))
-  nb = jnp.sqrt(jnp.sum(b * b, axis=axes))
-  tiny = jnp.finfo(jnp.float32).tiny
-  ua = a / jnp.maximum(na, tiny).reshape(keep)
-  ub = b / jnp.maximum(nb, tiny).reshape(keep)
-  theta = 2.0 * jnp.arctan2(jnp.sqrt(jnp.sum((ua - ub) ** 2, axis=axes)),
-                            jnp.sqrt(jnp.sum((ua + ub) ** 2, axis=axes)))
+  ua = a / _safe_norm(a, axes).reshape(keep)
+  ub = b / _safe_norm(b, axes).reshape(keep)
+  theta = 2.0 * jnp.arctan2(_safe_norm(ua - ub, axes), _safe_norm(ua + ub, axes))
   theta = theta.reshape(keep)
   w = _per_example(alpha, a)
   small = theta < _SMALL_ANGLE
