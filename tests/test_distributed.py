@@ -65,6 +65,19 @@ def test_detect_cluster_on_tpu_vm():
   assert "TPU" in distributed.detect_cluster({}, tpu_vm=True)
 
 
+@pytest.mark.parametrize("extra,expected", [
+    ({"SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, None),
+    ({"SLURM_STEP_TASKS_PER_NODE": "1(x8)", "SLURM_LOCALID": "0", "CUDA_VISIBLE_DEVICES": "0,1,2,3"},
+     [0, 1, 2, 3]),  # one task per node: all GPUs, not just GPU 0
+    ({"SLURM_STEP_TASKS_PER_NODE": "1(x8)", "SLURM_LOCALID": "0", "SLURM_GPUS_ON_NODE": "8"}, list(range(8))),
+    ({"SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "3"}, [0]),  # bound
+    ({"SLURM_STEP_TASKS_PER_NODE": "1(x8)", "CUDA_VISIBLE_DEVICES": "0,1", "JAX_LOCAL_DEVICE_IDS": "1"}, None),
+])
+def test_slurm_local_device_ids(extra, expected):
+  assert distributed.slurm_local_device_ids({**SLURM_STEP, **extra}) == expected
+  assert distributed.slurm_local_device_ids(extra) is None  # not inside an srun step
+
+
 def test_maybe_initialize_single_process_paths_and_idempotence():
   """Here (no cluster) 'auto' and 'never' stay single-process, repeatedly; a bad mode names the field."""
   for mode in ("never", "auto", "auto"):

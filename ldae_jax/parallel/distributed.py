@@ -15,8 +15,9 @@ the cluster environment:
   step with more than one task, a Cloud TPU VM / TPU pod, or the `LDAE_*` variables; otherwise a plain
   single-process run (a laptop, one GPU, an `salloc` shell running python directly).
 
-`JAX_LOCAL_DEVICE_IDS` (read by JAX itself) restricts a process to some local GPUs, e.g. when SLURM
-starts one task per node on a multi-GPU node. See docs/multihost.md.
+On SLURM the GPUs a task uses are corrected for the two launches where JAX's default (GPU number
+SLURM_LOCALID) is wrong (`slurm_local_device_ids`); `JAX_LOCAL_DEVICE_IDS` (read by JAX itself) overrides.
+See docs/multihost.md.
 """
 
 from __future__ import annotations
@@ -131,6 +132,42 @@ def detect_cluster(env: Mapping[str, str] | None = None, tpu_vm: bool | None = N
   return None
 
 
+def _tasks_per_node(env: Mapping[str, str]) -> int | None:
+  """Tasks of this step on each node ('4', '4(x2)'); None when unknown or different across nodes."""
+  raw = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or \
+      env.get("SLURM_NTASKS_PER_NODE") or ""
+  parts = {p.split("(")[0] for p in raw.split(",") if p.strip()}
+  if len(parts) != 1:
+    return None
+  try:
+    return int(parts.pop())
+  except ValueError:
+    return None
+
+
+def slurm_local_device_ids(env: Mapping[str, str] | None = None) -> list[int] | None:
+  """Which local GPUs this SLURM task should use, where JAX's default would pick wrong; else None.
+
+  JAX's SLURM detection gives each task the single GPU number SLURM_LOCALID (one task per GPU, all GPUs
+  visible). Two common launches break that (jax-ml/jax #16788, #23452; maxtext #865):
+  - one task per node: the task would see only GPU 0 -> use all GPUs visible on the node;
+  - `--gpus-per-task=1` / `--gpu-bind`: SLURM already narrowed CUDA_VISIBLE_DEVICES to one GPU, which is
+    device 0 in the task, so GPU number SLURM_LOCALID does not exist -> use [0].
+  `JAX_LOCAL_DEVICE_IDS` (read by JAX) always wins; this returns None when it is set.
+  """
+  env = os.environ if env is None else env
+  if env.get("JAX_LOCAL_DEVICE_IDS") or "SLURM_STEP_ID" not in env:
+    return None
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  per_node = _tasks_per_node(env)
+  if per_node == 1:
+    n = len(visible) or _env_int(env, "SLURM_GPUS_ON_NODE") or 0
+    return list(range(n)) if n > 1 else None
+  if len(visible) == 1 and (_env_int(env, "SLURM_LOCALID") or 0) > 0:
+    return [0]
+  return None
+
+
 def info(initialized: bool, reason: str) -> DistributedInfo:
   return DistributedInfo(
       initialized=initialized,
@@ -177,10 +214,13 @@ def maybe_initialize(dist_config: Any, env: Mapping[str, str] | None = None) -> 
       _log(d)
       return d
     reason = f"auto-detected {cluster}"
-  logging.info("jax.distributed.initialize(coordinator_address=%s, num_processes=%s, process_id=%s) [%s]",
-               args.coordinator_address, args.num_processes, args.process_id, reason)
+  local_ids = slurm_local_device_ids(env)
+  logging.info("jax.distributed.initialize(coordinator_address=%s, num_processes=%s, process_id=%s, "
+               "local_device_ids=%s) [%s]", args.coordinator_address, args.num_processes, args.process_id,
+               local_ids, reason)
   jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                             num_processes=args.num_processes, process_id=args.process_id)
+                             num_processes=args.num_processes, process_id=args.process_id,
+                             local_device_ids=local_ids)
   d = info(True, reason)
   _log(d)
   return d
