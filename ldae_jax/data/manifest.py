@@ -1,0 +1,245 @@
+"""The cohort manifest: one CSV row per scan, validated once, and subject-level splits.
+
+Columns (the reference's `BrainMRDataModule` schema, section 3.1 of the reference spec):
+
+| column | required | meaning |
+|---|---|---|
+| `subject` | yes | subject id; splits group by it |
+| `path` | yes | NIfTI of the preprocessed T1; relative paths resolve against the CSV's folder |
+| `diagnosis` | yes | one of `classes` (default AD / CN / MCI; matched case-insensitively) |
+| `age` | yes | years at the scan; an empty cell or NaN is allowed |
+| `session` | no | months since baseline (`12`, `M12` or `ses-M12`); otherwise parsed from `ses-M<months>` in `path` (the reference's regex), otherwise 0 |
+| `latent_path` | no | `.npz` latent written by the latents stage; may be empty |
+
+Extra columns are ignored. Labels are indices into `sorted(classes)` as in the reference (AD=0, CN=1, MCI=2).
+A scan is identified by `<subject>_ses-M<months, 3 digits>`; two rows with the same id or the same file are
+an error, because they would leak one scan into two splits or count it twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import pathlib
+import re
+import tempfile
+from typing import Iterable, Sequence
+
+import numpy as np
+
+REQUIRED_COLUMNS = ("subject", "path", "diagnosis", "age")
+OPTIONAL_COLUMNS = ("session", "latent_path")
+WRITE_COLUMNS = ("subject", "path", "diagnosis", "age", "session", "latent_path")
+DEFAULT_CLASSES = ("AD", "CN", "MCI")
+SESSION_IN_PATH = re.compile(r"ses-M(\d+)")
+_SESSION_CELL = re.compile(r"^(?:ses-)?M?(\d+)$", re.IGNORECASE)
+_NAN_CELLS = {"", "nan", "na", "n/a", "none", "null"}
+
+
+class ManifestError(ValueError):
+  """The manifest CSV is unusable; the message names the file, the row (CSV line) and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanRecord:
+  """One scan of the cohort, with every path absolute."""
+  subject: str
+  path: str
+  diagnosis: str
+  label: int
+  age: float
+  session_months: int
+  latent_path: str
+  scan_id: str
+
+
+def scan_id(subject: str, session_months: int) -> str:
+  return f"{subject}_ses-M{int(session_months):03d}"
+
+
+def _resolve(cell: str, base: pathlib.Path) -> str:
+  p = pathlib.Path(os.path.expanduser(cell))
+  return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def read_manifest(csv_path: str | os.PathLike, *, classes: Sequence[str] = DEFAULT_CLASSES,
+                  check_files: bool = True, unknown_diagnosis: str = "error") -> list[ScanRecord]:
+  """Reads and validates the manifest; returns its scans in file order.
+
+  `unknown_diagnosis="drop"` skips rows whose diagnosis is not in `classes` (the reference filters the CSV to
+  its class list, e.g. AD/CN for the supervised baseline); the default treats them as an error so that a typo
+  (`Ad`, `AD `, `Alzheimer`) cannot silently remove scans.
+  """
+  csv_path = pathlib.Path(csv_path)
+  if unknown_diagnosis not in ("error", "drop"):
+    raise ValueError(f"unknown_diagnosis={unknown_diagnosis!r}: 'error' or 'drop'.")
+  if not csv_path.is_file():
+    raise ManifestError(f"{csv_path}: manifest not found; set config.data.manifest to an existing CSV (or leave "
+                        "it empty to generate the synthetic cohort).")
+  classes = tuple(sorted(str(c) for c in classes))
+  if len(set(c.lower() for c in classes)) != len(classes) or not classes:
+    raise ManifestError(f"{csv_path}: classes={classes} must be non-empty and distinct (config.data.classes).")
+  canon = {c.lower(): c for c in classes}
+  base = csv_path.resolve().parent
+  with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.DictReader(f)
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+      hint = ""
+      if "path" in missing and "mri_path" in header:
+        hint = " (an AXIAL-style CSV: rename 'mri_path' to 'path')"
+      raise ManifestError(
+          f"{csv_path}: missing column(s) {missing}; found {header}. Add them to the header line{hint}; "
+          f"required: {list(REQUIRED_COLUMNS)}, optional: {list(OPTIONAL_COLUMNS)}.")
+    reader.fieldnames = header
+    rows = list(reader)
+  if not rows:
+    raise ManifestError(f"{csv_path}: the manifest has a header but no scans; add one row per scan.")
+
+  records: list[ScanRecord] = []
+  seen_ids: dict[str, int] = {}
+  seen_paths: dict[str, int] = {}
+  for i, row in enumerate(rows):
+    line = i + 2  # the header is line 1
+    where = f"{csv_path}, line {line}"
+    cell = {k: (v or "").strip() for k, v in row.items() if k is not None}
+    subject = cell.get("subject", "")
+    if not subject:
+      raise ManifestError(f"{where}: empty 'subject'; give every scan its subject id.")
+    dx = cell.get("diagnosis", "")
+    if dx.lower() not in canon:
+      if unknown_diagnosis == "drop":
+        continue
+      raise ManifestError(
+          f"{where}: unknown diagnosis {dx!r}; expected one of {list(classes)} (config.data.classes). Fix the "
+          "cell, add the class to config.data.classes, or drop the row.")
+    dx = canon[dx.lower()]
+    raw_path = cell.get("path", "")
+    if not raw_path:
+      raise ManifestError(f"{where}: empty 'path'; give the NIfTI file of this scan.")
+    path = _resolve(raw_path, base)
+    if check_files and not os.path.isfile(path):
+      raise ManifestError(f"{where}: file not found: {path}. Fix the path (relative paths resolve against "
+                          f"{base}) or remove the row.")
+    age_cell = cell.get("age", "")
+    if age_cell.lower() in _NAN_CELLS:
+      age = math.nan
+    else:
+      try:
+        age = float(age_cell)
+      except ValueError:
+        raise ManifestError(f"{where}: age {age_cell!r} is not a number; write years (e.g. 71.5) or leave it "
+                            "empty.") from None
+      if not math.isnan(age) and not 0.0 <= age <= 130.0:
+        raise ManifestError(f"{where}: age {age} is outside 0-130 years; fix the cell (years, not months?).")
+    from_path = SESSION_IN_PATH.search(raw_path)
+    session_cell = cell.get("session", "")
+    if session_cell:
+      m = _SESSION_CELL.match(session_cell)
+      if not m:
+        raise ManifestError(f"{where}: session {session_cell!r} is not months since baseline; write e.g. 12, "
+                            "M12 or ses-M12.")
+      months = int(m.group(1))
+      if from_path and int(from_path.group(1)) != months:
+        raise ManifestError(f"{where}: session column says {months} months but the path says "
+                            f"{from_path.group(0)}; make them agree.")
+    elif from_path:
+      months = int(from_path.group(1))
+    else:
+      months = 0
+    sid = scan_id(subject, months)
+    if sid in seen_ids:
+      raise ManifestError(
+          f"{where}: duplicate scan {sid} (also on line {seen_ids[sid]}); each (subject, session) must appear "
+          "once. Remove the duplicate or give the sessions (a 'session' column or ses-M<months> in the path).")
+    if path in seen_paths:
+      raise ManifestError(f"{where}: duplicate scan file {path} (also on line {seen_paths[path]}); remove one "
+                          "of the rows.")
+    seen_ids[sid] = line
+    seen_paths[path] = line
+    latent = cell.get("latent_path", "")
+    records.append(ScanRecord(subject=subject, path=path, diagnosis=dx, label=classes.index(dx), age=age,
+                              session_months=months, latent_path=_resolve(latent, base) if latent else "",
+                              scan_id=sid))
+  if not records:
+    raise ManifestError(f"{csv_path}: no row has a diagnosis in {list(classes)}; check config.data.classes.")
+  return records
+
+
+def _relative(p: str, base: pathlib.Path) -> str:
+  """Paths inside the CSV's folder are written relative to it, so the cohort folder can be moved."""
+  if not p:
+    return ""
+  try:
+    return pathlib.Path(p).resolve().relative_to(base).as_posix()
+  except ValueError:
+    return p
+
+
+def write_manifest(records: Iterable[ScanRecord], csv_path: str | os.PathLike) -> pathlib.Path:
+  """Writes records as a manifest CSV (temp file + rename); `read_manifest` gives them back."""
+  csv_path = pathlib.Path(csv_path)
+  base = csv_path.parent.resolve()
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(WRITE_COLUMNS)
+  for r in records:
+    age = "" if r.age is None or math.isnan(r.age) else f"{r.age:.2f}"
+    w.writerow([r.subject, _relative(r.path, base), r.diagnosis, age, int(r.session_months),
+                _relative(r.latent_path, base)])
+  csv_path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=csv_path.parent)
+  try:
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+      f.write(buf.getvalue())
+    os.replace(tmp, csv_path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return csv_path
+
+
+def split_by_subject(records: Sequence[ScanRecord], *, val_fraction: float, test_fraction: float,
+                     seed: int) -> dict[str, list[ScanRecord]]:
+  """Seeded train/val/test split of *subjects*, stratified by each subject's baseline diagnosis.
+
+  Counts follow sklearn's GroupShuffleSplit as the reference uses it: `ceil(test_fraction * n_subjects)` test
+  subjects, then `ceil(val_fraction * n_remaining)` val subjects (0 when a fraction is 0). Stratification:
+  subjects are shuffled within each diagnosis and interleaved by their relative rank, so any prefix of the
+  order holds the classes in proportion; test takes the first subjects, val the next. The subject sets match
+  the reference's in size, not in membership (a different random stream). Records keep their input order.
+  """
+  if not 0.0 <= test_fraction < 1.0 or not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction={val_fraction}, test_fraction={test_fraction}: each must be in [0, 1) "
+                     "(config.data.val_fraction / test_fraction).")
+  baseline: dict[str, tuple[int, str]] = {}
+  for r in records:
+    if r.subject not in baseline or r.session_months < baseline[r.subject][0]:
+      baseline[r.subject] = (r.session_months, r.diagnosis)
+  subjects = sorted(baseline)
+  n = len(subjects)
+  n_test = math.ceil(test_fraction * n) if test_fraction > 0 else 0
+  n_val = math.ceil(val_fraction * (n - n_test)) if val_fraction > 0 else 0
+  if n - n_test - n_val < 1:
+    raise ValueError(f"split_by_subject: {n} subjects cannot give {n_test} test + {n_val} val subjects and a "
+                     "non-empty train split; lower config.data.val_fraction / test_fraction or add subjects.")
+  rng = np.random.default_rng(seed)
+  keys: dict[str, float] = {}
+  for dx in sorted({d for _, d in baseline.values()}):
+    group = [s for s in subjects if baseline[s][1] == dx]
+    order = rng.permutation(len(group))
+    jitter = rng.random(len(group))
+    for rank, idx in enumerate(order):
+      keys[group[idx]] = (rank + jitter[rank]) / len(group)
+  ordered = sorted(subjects, key=lambda s: (keys[s], s))
+  which = {s: "test" for s in ordered[:n_test]}
+  which.update({s: "val" for s in ordered[n_test:n_test + n_val]})
+  out: dict[str, list[ScanRecord]] = {"train": [], "val": [], "test": []}
+  for r in records:
+    out[which.get(r.subject, "train")].append(r)
+  return out
