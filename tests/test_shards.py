@@ -184,6 +184,12 @@ def test_two_processes_read_disjoint_parts_whose_union_is_the_dataset(written, s
         g["scan_id"].tolist())
   if shuffle:
     assert _scan_ids(single) != [r["scan_id"] for r in recs][:8]
+  # The same holds for the infinite stream, across epoch boundaries.
+  kw.update(repeat=True, drop_remainder=True)
+  its = [S.make_iterator(d, process_index=p, process_count=2, **kw) for p in range(2)]
+  for g in _take(S.make_iterator(d, process_index=0, process_count=1, **kw), 6):
+    assert sorted(next(its[0])["scan_id"].tolist() + next(its[1])["scan_id"].tolist()) == sorted(
+        g["scan_id"].tolist())
 
 
 def test_shuffle_is_seeded_and_changes_each_epoch(written):

@@ -291,9 +291,14 @@ class ShardWriter:
     if self._tmp is None:
       raise RuntimeError("ShardWriter.write() outside its `with` block.")
     rec = self._check_record(record)
+    try:
+      data = encode_record(rec, self.image_encoding)  # validates the image range for uint16
+    except ValueError as e:
+      raise ValueError(f"ShardWriter.write (record {self._count}, scan_id={rec['scan_id']!r}): {e}") from e
     if self._writer is None:
       self._open_shard(has_image="image" in rec)
-    self._writer.write(encode_record(rec, self.image_encoding))
+    self._writer.write(data)
+    self._scan_ids.add(rec["scan_id"])
     self._moments["mu"].add(rec["mu"])
     self._moments["logvar"].add(rec["logvar"])
     self._count += 1
@@ -323,13 +328,8 @@ class ShardWriter:
       rec[name] = a.astype(np.float32, copy=False)
     if rec["mu"].shape != rec["logvar"].shape:
       raise ValueError(f"{where}: mu {rec['mu'].shape} and logvar {rec['logvar'].shape} shapes differ.")
-    if "image" in rec:
-      if rec["image"].shape[-1] != 1:
-        raise ValueError(f"{where}: image shape {rec['image'].shape}: expected (X, Y, Z, 1).")
-      try:
-        _encode_image(rec["image"], self.image_encoding)
-      except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
+    if "image" in rec and rec["image"].shape[-1] != 1:
+      raise ValueError(f"{where}: image shape {rec['image'].shape}: expected (X, Y, Z, 1).")
     for name, (dtype, default) in SCALAR_FIELDS.items():
       v = record.get(name, default)
       if v is None:
@@ -356,7 +356,6 @@ class ShardWriter:
     elif fields != self._fields:
       raise ValueError(f"{where}: array fields {fields} differ from the first record's {self._fields}; "
                        "all records of a shard folder share shapes and the set of stored arrays.")
-    self._scan_ids.add(rec["scan_id"])
     return rec
 
   def _open_shard(self, has_image: bool) -> None:
@@ -594,7 +593,9 @@ def make_iterator(shard_dir: str | os.PathLike, *, global_batch_size: int, seed:
     global_batch_size: batch across all processes; must be a multiple of `process_count`.
     seed: shuffle seed (0 <= seed < 2**32); each epoch gets a different permutation derived from it.
     shuffle, repeat, drop_remainder: as in grain. Without `repeat` and with `drop_remainder` the epoch is
-      cut to whole global batches so every process yields the same number of batches.
+      cut to whole global batches so every process yields the same number of batches. With `repeat` the
+      stream runs on across epochs (each a full new permutation), so when the record count is not a multiple
+      of the batch, the batch that straddles an epoch boundary can hold one record twice.
     fields: record fields to decode (see the module docstring); strings come back as numpy str arrays.
     num_workers: grain worker processes (0: read in this process with `num_threads` threads).
     process_index, process_count: this process's slice; default `jax.process_index()/process_count()`.
