@@ -89,6 +89,7 @@ def test_maybe_initialize_single_process_paths_and_idempotence():
 
 
 # ------------------------------------------------------------------ 2 processes == 1 process
+@pytest.mark.slow
 def test_two_processes_match_one_process():
   """2 localhost processes x 2 CPU devices joined by jax.distributed (LDAE_* env -> maybe_initialize),
   each feeding only its half of the global batch, give the 1-device losses (rtol harness.RTOL; observed

@@ -140,6 +140,7 @@ def _assert_same_run(got: dict, ref: dict) -> None:
   np.testing.assert_allclose(got["param_sq"], ref["param_sq"], rtol=harness.RTOL, err_msg=got["layout"])
 
 
+@pytest.mark.slow
 def test_eight_devices_data_and_fsdp_match_one_device():
   """Same global batch, same init: data=8 (replicated params) and data=2 x fsdp=4 (FSDP params) give the
   single-device losses to float32 reduction-order precision (observed max relative difference ~1e-6)."""
