@@ -1,0 +1,183 @@
+"""Trained-model loading, semantic codes and DDIM reconstructions (ldae_reference.md §2.4, §4.3).
+
+Every per-batch computation is one `jax.jit` function of (model state, batch) compiled once per batch shape: the
+last batch is padded to the fixed `config.eval.batch_size` (padded rows are dropped from the results), and each
+DDIM loop is one `lax.scan` from `ldae_jax.diffusion.ddim`.
+
+Reconstructions are scored against the image (reference protocol) *and* against the autoencoder's own
+reconstruction decode(z0 / scale): the latter isolates the diffusion part, and SSIM(AE recon, image) is the
+bound the latent model cannot beat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ldae_jax.data import shards
+from ldae_jax.diffusion import ddim as ddim_lib, schedule as schedule_lib
+from ldae_jax.evaluation import metrics
+
+SCALAR_FIELDS = ("subject", "scan_id", "diagnosis", "age", "session_months")
+
+
+@dataclasses.dataclass
+class LDAEModels:
+  """The EMA networks of a trained run, split for jitting (graphdef + state), and the latent scale."""
+  ae_def: Any
+  ae_state: Any
+  shift_def: Any
+  shift_state: Any
+  enc_def: Any
+  enc_state: Any
+  scale: float
+  steps: dict[str, int]
+
+
+def load_ldae(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> LDAEModels:
+  """EMA AE, ShiftUNet (with its frozen stage-2 UNet) and encoder from `workdir` checkpoints."""
+  from ldae_jax.models import build_encoder, build_shift_unet
+  from ldae_jax.training import autoencoder_stage, ldm_stage, representation_stage as rs, state as st
+  from ldae_jax.training.checkpoint import Checkpointer
+  ae, ae_step = autoencoder_stage.trained_autoencoder(config, workdir)
+  ckdir = pathlib.Path(workdir) / "representation" / "checkpoints"
+  if not ckdir.is_dir() or not any(p.name.isdigit() for p in ckdir.iterdir()):
+    raise FileNotFoundError(f"representation weights not found: {ckdir} has no checkpoint; run the "
+                            f"representation stage first (--config.stage=representation --workdir {workdir}).")
+  shift = build_shift_unet(config, nnx.Rngs(0))
+  enc = build_encoder(config, nnx.Rngs(0))
+  s_def, sp, s_rngs, s_rest = st.split_model(shift, rs.SHIFT_TRAINABLE)
+  e_def, ep, e_rngs, e_rest = st.split_model(enc)
+  target = st.create_state({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest},
+                           st.make_optimizer(config.train.representation), seed=0,
+                           with_ema=config.train.representation.ema_decay > 0)
+  ckpt = Checkpointer(ckdir, keep=1000)
+  try:
+    restored, _ = ckpt.restore(target)
+    step = int(ckpt.latest_step())
+  finally:
+    ckpt.close()
+  w = restored.ema if restored.ema is not None else restored.params
+  shift = st.merge_model(s_def, w["shift"], s_rngs, restored.rest["shift"])
+  enc = st.merge_model(e_def, w["encoder"], e_rngs, restored.rest["encoder"])
+  meta = shards.read_metadata(ldm_stage.shard_dir(workdir))
+  scale = ldm_stage.scale_factor(config, meta, str(ldm_stage.shard_dir(workdir)))
+  return LDAEModels(*nnx.split(ae), *nnx.split(shift), *nnx.split(enc), scale,
+                    {"autoencoder": ae_step, "representation": step})
+
+
+def random_encoder(config: ml_collections.ConfigDict, seed: int = 12345):
+  """(graphdef, state) of an untrained, randomly initialised encoder: the probes' 'what training added' control."""
+  from ldae_jax.models import build_encoder
+  return nnx.split(build_encoder(config, nnx.Rngs(seed)))
+
+
+def read_split(workdir: str | os.PathLike, split: str, max_scans: int | None = None,
+               fields: tuple[str, ...] = ("mu", "image")) -> dict[str, np.ndarray]:
+  """Latents, images and scan facts of one split from the latent shards (first `max_scans` in write order)."""
+  from ldae_jax.training import ldm_stage
+  d = ldm_stage.shard_dir(workdir, split)
+  data = shards.read_all(d, fields + SCALAR_FIELDS)
+  if max_scans:
+    data = {k: v[:max_scans] for k, v in data.items()}
+  return data
+
+
+def batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+  """(indices padded to batch_size by repeating the last index, number of real rows)."""
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    real = len(idx)
+    yield np.concatenate([idx, np.full(batch_size - real, idx[-1])]), real
+
+
+def map_batched(fn: Callable[..., dict], arrays: dict[str, np.ndarray], batch_size: int, *args,
+                desc: str = "") -> dict[str, np.ndarray]:
+  """Runs jitted `fn(*args, batch_dict)` over fixed-size batches (last padded) and concatenates real rows."""
+  n = len(next(iter(arrays.values())))
+  outs: dict[str, list] = {}
+  for idx, real in tqdm(list(batches(n, batch_size)), desc=desc, unit="batch", leave=False):
+    res = jax.device_get(fn(*args, {k: v[idx] for k, v in arrays.items()}))
+    for k, v in res.items():
+      outs.setdefault(k, []).append(np.asarray(v)[:real])
+  return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def make_code_fn(enc_def) -> Callable:
+  @jax.jit
+  def codes(enc_state, batch):
+    return {"codes": nnx.merge(enc_def, enc_state)(batch["image"], deterministic=True)}
+  return codes
+
+
+def semantic_codes(enc_def, enc_state, images: np.ndarray, batch_size: int, desc: str = "codes") -> np.ndarray:
+  return map_batched(make_code_fn(enc_def), {"image": images}, batch_size, enc_state, desc=desc)["codes"]
+
+
+def make_recon_fn(m: LDAEModels, config: ml_collections.ConfigDict, steps: int) -> Callable:
+  """jit fn(states, batch{image, mu, key}) -> per-scan metrics of encoded-x_T and semantic-only reconstructions,
+  the AE bound, and the volumes."""
+  sched = schedule_lib.ddim_schedule(schedule_lib.make_schedule(config.diffusion), steps)
+  clamp, crange = bool(config.diffusion.clamp_x0), float(config.diffusion.clamp_range)
+  kernel = int(config.eval.ssim_kernel)
+  ms_w = metrics.ms_ssim_weights(tuple(config.data.image_shape), kernel)
+
+  @jax.jit
+  def run(states, batch):
+    ae = nnx.merge(m.ae_def, states["ae"])
+    shift = nnx.merge(m.shift_def, states["shift"])
+    enc = nnx.merge(m.enc_def, states["enc"])
+    image = batch["image"]
+    y = enc(image, deterministic=True)
+    model_fn = lambda x, t: shift(x, t, y)
+    z0 = batch["mu"] * m.scale
+    x_T = ddim_lib.encode(model_fn, z0, sched, shifted=True, clamp=clamp, clamp_range=crange)
+    rec = ae.decode(ddim_lib.sample(model_fn, x_T, sched, shifted=True, clamp=clamp, clamp_range=crange) / m.scale)
+    noise = jax.random.normal(batch["key"][0], z0.shape, jnp.float32)
+    sem = ae.decode(ddim_lib.sample(model_fn, noise, sched, shifted=True, clamp=clamp, clamp_range=crange) / m.scale)
+    ae_rec = ae.decode(z0 / m.scale)
+    out = {"x_T": x_T, "recon": rec, "semantic": sem, "ae_recon": ae_rec}
+    vm = lambda a, b: metrics.volume_metrics(a, b, kernel_size=kernel, ms_weights=ms_w)
+    for name, (a, b) in {"encoded_vs_image": (rec, image), "semantic_vs_image": (sem, image),
+                         "ae_vs_image": (ae_rec, image), "encoded_vs_ae": (rec, ae_rec),
+                         "semantic_vs_ae": (sem, ae_rec)}.items():
+      for k, v in vm(a, b).items():
+        out[f"{name}/{k}"] = v
+    return out
+
+  return run
+
+
+def summarise(values: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+  """mean / std / n of every per-scan metric array (keys with a '/')."""
+  return {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": int(len(v))}
+          for k, v in values.items() if "/" in k}
+
+
+def evaluate_reconstruction(m: LDAEModels, config: ml_collections.ConfigDict, data: dict[str, np.ndarray],
+                            *, seed: int = 0, keep_volumes: int = 4) -> dict[str, Any]:
+  """Metrics for each T in config.eval.ddim_steps; returns {'by_steps': {T: summary}, 'volumes': {...}}."""
+  states = {"ae": m.ae_state, "shift": m.shift_state, "enc": m.enc_state}
+  n = len(data["mu"])
+  keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n)))
+  out: dict[str, Any] = {"by_steps": {}, "volumes": {}}
+  bs = int(config.eval.batch_size)
+  for steps in config.eval.ddim_steps:
+    fn = make_recon_fn(m, config, int(steps))
+    wrapped = jax.jit(lambda s, b, fn=fn: fn(s, dict(b, key=jax.random.wrap_key_data(b["key"]))))
+    res = map_batched(wrapped, {"image": data["image"], "mu": data["mu"], "key": keys}, bs, states,
+                      desc=f"recon DDIM-{steps}")
+    out["by_steps"][int(steps)] = summarise(res)
+    out["volumes"][int(steps)] = {k: res[k][:keep_volumes] for k in ("recon", "semantic", "ae_recon", "x_T")}
+  out["volumes"]["image"] = data["image"][:keep_volumes]
+  return out

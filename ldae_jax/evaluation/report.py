@@ -1,0 +1,209 @@
+"""The evaluation modes of `evaluate.py` and the report that gathers them.
+
+Each mode returns a JSON-able dict and writes its own files under `<workdir>/report/`; `report` runs every mode
+the workdir allows (a mode whose inputs are missing is recorded as skipped, with the reason) and writes
+report.md, report.json, PNG figures and NIfTI volumes of generated scans.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ldae_jax.evaluation import figures, probes, reconstruction as rec, throughput
+
+
+def _jsonable(o: Any) -> Any:
+  if isinstance(o, dict):
+    return {str(k): _jsonable(v) for k, v in o.items() if not isinstance(v, np.ndarray) or v.size < 64}
+  if isinstance(o, (list, tuple)):
+    return [_jsonable(v) for v in o]
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  if isinstance(o, (np.floating, np.integer)):
+    return o.item()
+  return o
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(_jsonable(obj), indent=1, allow_nan=True))
+  os.replace(tmp, path)
+
+
+def _save_nifti(path: pathlib.Path, vol: np.ndarray, config) -> None:
+  from ldae_jax.data import nifti
+  nifti.save_volume(path, np.asarray(vol, np.float32), spacing_mm=float(config.data.spacing_mm))
+
+
+# ------------------------------------------------------------------------------------------------ probe
+def run_probe(config: ml_collections.ConfigDict, workdir: str, out: pathlib.Path,
+              models: rec.LDAEModels | None = None) -> tuple[dict, dict]:
+  """Probes on the trained EMA encoder's codes and, beside them, on an untrained encoder's codes."""
+  m = models or rec.load_ldae(config, workdir)
+  bs = int(config.eval.batch_size)
+  splits = {s: rec.read_split(workdir, s, fields=("image",)) for s in ("train", "test")}
+  results, fitted = {}, {}
+  rand_def, rand_state = rec.random_encoder(config)
+  for name, (d, s) in {"trained": (m.enc_def, m.enc_state), "untrained": (rand_def, rand_state)}.items():
+    data = {}
+    for split, v in splits.items():
+      data[split] = {"codes": rec.semantic_codes(d, s, v["image"], bs, desc=f"{name} codes {split}"),
+                     "diagnosis": v["diagnosis"], "age": v["age"], "subject": v["subject"]}
+    results[name], fitted[name] = probes.run_probes(data["train"], data["test"], seed=int(config.seed))
+  table = probes.format_table(results)
+  (out / "probes.md").write_text(table)
+  _write_json(out / "probes.json", results)
+  print(table)
+  c, a = results["trained"]["ad_vs_cn"]["test"], results["trained"]["age"]["test"]
+  print(f"AD-vs-CN test ROC-AUC {c['roc_auc']:.3f} (untrained encoder "
+        f"{results['untrained']['ad_vs_cn']['test']['roc_auc']:.3f}); age MAE {a['mae']:.2f} y vs cohort age "
+        f"std {a['target_std']:.2f} y")
+  return results, fitted
+
+
+# ------------------------------------------------------------------------------------------------ recon
+def run_recon(config, workdir, out, models=None) -> dict:
+  m = models or rec.load_ldae(config, workdir)
+  data = rec.read_split(workdir, "test", int(config.eval.max_scans))
+  r = rec.evaluate_reconstruction(m, config, data, seed=int(config.seed))
+  vols = r.pop("volumes")
+  rows, labels = [], []
+  t_max = max(k for k in vols if k != "image")
+  for i in range(min(3, len(vols["image"]))):
+    rows.append([vols["image"][i], vols[t_max]["ae_recon"][i], vols[t_max]["recon"][i], vols[t_max]["semantic"][i]])
+    labels.append(str(data["scan_id"][i]))
+    _save_nifti(out / "volumes" / f"recon_T{t_max}_{data['scan_id'][i]}.nii.gz", vols[t_max]["recon"][i], config)
+    _save_nifti(out / "volumes" / f"semantic_T{t_max}_{data['scan_id'][i]}.nii.gz", vols[t_max]["semantic"][i],
+                config)
+  r["figure"] = figures.volume_grid(rows, out / "reconstructions.png", row_labels=labels,
+                                    col_labels=["image", "AE", f"LDAE T={t_max}", "y_sem only"],
+                                    title="Reconstructions (three mid-slices each)")
+  for t, s in r["by_steps"].items():
+    print(f"T={t}: SSIM encoded x_T {s['encoded_vs_image/ssim']['mean']:.4f} vs AE bound "
+          f"{s['ae_vs_image/ssim']['mean']:.4f}; semantic-only {s['semantic_vs_image/ssim']['mean']:.4f}")
+  _write_json(out / "recon.json", r)
+  return r
+
+
+# ------------------------------------------------------------------------------------------------ interp
+def run_interp(config, workdir, out, models=None) -> dict:
+  from ldae_jax.evaluation import interpolation
+  m = models or rec.load_ldae(config, workdir)
+  data = rec.read_split(workdir, "test", int(config.eval.max_scans))
+  r = interpolation.evaluate_interpolation(m, config, data, steps=int(max(config.eval.ddim_steps)))
+  ex = r.pop("examples", None)
+  if ex is not None:
+    rows = [[ex["start"][i], ex["target"][i], ex["pred"][i], ex["end"][i]] for i in range(len(ex["pred"]))]
+    r["figure"] = figures.volume_grid(
+        rows, out / "interpolations.png", row_labels=[f"{x['subject']} a={x['alpha']:.2f}" for x in ex["rows"]],
+        col_labels=["start", "true middle", "interpolated", "end"], title="Interpolation (LERP y, SLERP x_T)")
+    for i, v in enumerate(ex["pred"]):
+      _save_nifti(out / "volumes" / f"interp_{ex['rows'][i]['subject']}_{i}.nii.gz", v, config)
+  _write_json(out / "interp.json", r)
+  print(f"interpolation: {r['n']} triplets; by prediction gap: {r.get('by_prediction_gap_months')}")
+  return r
+
+
+# ------------------------------------------------------------------------------------------------ manip
+def run_manip(config, workdir, out, models=None, fitted=None) -> dict:
+  from ldae_jax.evaluation import manipulation
+  m = models or rec.load_ldae(config, workdir)
+  if fitted is None:
+    _, fitted = run_probe(config, workdir, out, m)
+  data = rec.read_split(workdir, "test", int(config.eval.max_scans))
+  r = manipulation.evaluate_manipulation(m, config, data, fitted["trained"]["ad_vs_cn"],
+                                         steps=int(max(config.eval.ddim_steps)), seed=int(config.seed))
+  for name in ("AD_to_CN", "CN_to_AD"):
+    d = r[name]
+    if d.get("n"):
+      rows = [[d["originals"][i], *d["volumes"][i]] for i in range(d["n"])]
+      d["figure"] = figures.volume_grid(rows, out / f"manipulation_{name}.png", row_labels=d["scan_ids"],
+                                        col_labels=["original"] + [f"alpha={a}" for a in r["alphas"]],
+                                        title=name.replace("_", " "))
+      _save_nifti(out / "volumes" / f"manip_{name}_{d['scan_ids'][0]}_alpha{r['alphas'][-1]}.nii.gz",
+                  d["volumes"][0][-1], config)
+      print(f"{name}: p(AD) of re-encoded edits by alpha {r['alphas']}: "
+            f"{np.round(d['p_ad_reencoded_by_alpha'], 3).tolist()}")
+  v = r["variations"]
+  v["figure"] = figures.volume_grid([[v["original"], *v["volumes"]]], out / "variations.png",
+                                    row_labels=[v["scan_id"]], col_labels=["original"] + [
+                                        f"x_T #{i}" for i in range(v["n"])], title="Stochastic variations")
+  _write_json(out / "manip.json", r)
+  return r
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+def run_throughput(config, dae_config, *, batch: int, steps: int, repeats: int = 3, peak_tflops=None,
+                   workdir=None, out_dir="benchmarks/results") -> pathlib.Path:
+  r = throughput.compare(config, dae_config, batch=batch, steps=steps, repeats=repeats, peak_tflops=peak_tflops,
+                         workdir=workdir)
+  dev = r["device"]["kind"].replace(" ", "_") or r["device"]["platform"]
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+  path = pathlib.Path(out_dir) / f"throughput_{dev}_{stamp}.json"
+  _write_json(path, r)
+  print(json.dumps(r["ratio_dae_over_ldae"], indent=1))
+  return path
+
+
+# ------------------------------------------------------------------------------------------------ report
+def run_report(config, workdir: str) -> pathlib.Path:
+  out = pathlib.Path(workdir) / "report"
+  (out / "volumes").mkdir(parents=True, exist_ok=True)
+  sections: dict[str, Any] = {}
+  try:
+    models = rec.load_ldae(config, workdir)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"report: cannot load the trained models from {workdir}: {e}")
+  probe_res, fitted = run_probe(config, workdir, out, models)
+  sections["probe"] = probe_res
+  for name, fn in (("recon", lambda: run_recon(config, workdir, out, models)),
+                   ("interp", lambda: run_interp(config, workdir, out, models)),
+                   ("manip", lambda: run_manip(config, workdir, out, models, fitted))):
+    try:
+      sections[name] = fn()
+    except (FileNotFoundError, ValueError, KeyError) as e:
+      sections[name] = {"skipped": str(e)}
+  sections["models"] = {"checkpoint_steps": models.steps, "scale_factor": models.scale}
+  sections["device"] = str(jax.devices()[0])
+  _write_json(out / "report.json", sections)
+  md = ["# LDAE evaluation report", f"config `{config.name}`, workdir `{workdir}`, {sections['device']}", "",
+        "## Linear probes (codes of the EMA encoder vs an untrained encoder)", probes.format_table(probe_res)]
+  if "by_steps" in sections.get("recon", {}):
+    md += ["## Reconstruction (test split)", "| T | SSIM enc. x_T | MS-SSIM | MSE | PSNR | SSIM y_sem only | "
+           "SSIM AE bound | SSIM enc. vs AE |", "|---|---|---|---|---|---|---|---|"]
+    for t, s in sections["recon"]["by_steps"].items():
+      md.append(f"| {t} | {s['encoded_vs_image/ssim']['mean']:.4f} | {s['encoded_vs_image/ms_ssim']['mean']:.4f} | "
+                f"{s['encoded_vs_image/mse']['mean']:.5f} | {s['encoded_vs_image/psnr']['mean']:.2f} | "
+                f"{s['semantic_vs_image/ssim']['mean']:.4f} | {s['ae_vs_image/ssim']['mean']:.4f} | "
+                f"{s['encoded_vs_ae/ssim']['mean']:.4f} |")
+    md += ["", f"SSIM: MONAI formulation, Gaussian kernel {config.eval.ssim_kernel}, sigma 1.5, valid window.",
+           "![reconstructions](reconstructions.png)", ""]
+  if sections.get("interp", {}).get("n"):
+    md += ["## Interpolation (SSIM / MSE vs the AE reconstruction of the middle scan)", "| prediction gap (months) "
+           "| n | SSIM | MSE |", "|---|---|---|---|"]
+    for g, v in sections["interp"]["by_prediction_gap_months"].items():
+      md.append(f"| {g} | {v['n']} | {v['ssim_vs_ae']:.4f} | {v['mse_vs_ae']:.5f} |")
+    md += ["", "![interpolations](interpolations.png)", ""]
+  if "alphas" in sections.get("manip", {}):
+    md += ["## Manipulation (probe direction, AD positive)", f"alphas {sections['manip']['alphas']}"]
+    for name in ("AD_to_CN", "CN_to_AD"):
+      if sections["manip"][name].get("n"):
+        md += [f"- {name}: p(AD) of the re-encoded edit by alpha "
+               f"{np.round(sections['manip'][name]['p_ad_reencoded_by_alpha'], 3).tolist()}",
+               f"  ![{name}](manipulation_{name}.png)"]
+    md += ["", "![variations](variations.png)", ""]
+  for name in ("recon", "interp", "manip"):
+    if "skipped" in sections.get(name, {}):
+      md.append(f"- {name} skipped: {sections[name]['skipped']}")
+  (out / "report.md").write_text("\n".join(md) + "\n")
+  print(f"wrote {out / 'report.md'}")
+  return out / "report.md"
