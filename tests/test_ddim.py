@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import jax
@@ -215,16 +216,40 @@ def _have(module: str) -> bool:
     return False
 
 
+def materialise(model):
+  """Gives an `nnx.eval_shape` model concrete (unused, deterministic=True) dropout RNG state."""
+  st = nnx.state(model, nnx.Any(nnx.RngKey, nnx.RngCount))
+  for _, var in nnx.to_flat_state(st):
+    var.set_value(jax.random.key(0) if isinstance(var, nnx.RngKey) else jnp.zeros((), jnp.uint32))
+  nnx.update(model, st)
+  return model
+
+
+def tiny_network(load_fixture, kind: str):
+  """The fixture's tiny UNet ("unet") or ShiftUNet ("shift_unet"), weights converted from the reference."""
+  if not (_have(f"ldae_jax.models.{kind}") and _have(f"ldae_jax.convert.{kind}")):
+    pytest.skip(f"ldae_jax.models.{kind} / ldae_jax.convert.{kind} not available yet")
+  convert = importlib.import_module(f"ldae_jax.convert.{kind}").convert
+  cls = importlib.import_module(f"ldae_jax.models.{kind}")
+  if kind == "unet":
+    make = lambda: cls.UNet(3, 32, (1, 2, 3), 1, (2, 4), num_heads=1, dropout=0.1, rngs=nnx.Rngs(0))  # noqa: E731
+  else:
+    make = lambda: cls.ShiftUNet(3, 32, (1, 2, 3), 1, (2, 4), latent_dim=16, num_heads=1,  # noqa: E731
+                                 dropout=0.1, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(make)  # no random init: every parameter is overwritten by the conversion
+  f = load_fixture(f"{kind}_tiny")
+  convert({k[len("param/"):]: v for k, v in f.items() if k.startswith("param/")}, model)
+  return materialise(model)
+
+
 @pytest.fixture(scope="module")
 def tiny_unet(load_fixture):
-  if not (_have("ldae_jax.models.unet") and _have("ldae_jax.convert.unet")):
-    pytest.skip("ldae_jax.models.unet / ldae_jax.convert.unet not available yet")
-  from ldae_jax.convert import unet as convert_unet
-  from ldae_jax.models.unet import UNet
-  f = load_fixture("unet_tiny")
-  model = UNet(3, 32, (1, 2, 3), 1, (2, 4), num_heads=1, dropout=0.1, rngs=nnx.Rngs(0))
-  convert_unet.convert({k[len("param/"):]: v for k, v in f.items() if k.startswith("param/")}, model)
-  return model
+  return tiny_network(load_fixture, "unet")
+
+
+@pytest.fixture(scope="module")
+def tiny_shift_unet(load_fixture):
+  return tiny_network(load_fixture, "shift_unet")
 
 
 @pytest.mark.slow
@@ -237,9 +262,30 @@ def test_unet_ddim10_end_to_end(tiny_unet, ddim10, load_fixture):
     net = nnx.merge(graphdef, state)
     fn = lambda x, t: net(x, t)  # noqa: E731
     enc = ddim.encode(fn, x_0, ddim10)
-    return ddim.sample(fn, x_T, ddim10), enc, ddim.sample(fn, enc, ddim10)
+    # One sampling scan for both starts (batch elements are independent): x_T and the encoded x_0.
+    both = ddim.sample(fn, jnp.concatenate([x_T, enc]), ddim10)
+    return both[:2], enc, both[2:]
 
   sample, enc, auto = loops(state, ndhwc(f["in/x_T"]), ndhwc(f["in/x_0"]))
   np.testing.assert_allclose(np.asarray(sample), ndhwc(f["out/unet_sample"]), atol=1e-3)
   np.testing.assert_allclose(np.asarray(enc), ndhwc(f["out/unet_encode"]), atol=5e-3)
   np.testing.assert_allclose(np.asarray(auto), ndhwc(f["out/unet_autoencode"]), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_shift_unet_ddim10_end_to_end(tiny_shift_unet, ddim10, load_fixture):
+  f = load_fixture("ddim_tiny")
+  graphdef, state = nnx.split(tiny_shift_unet)
+
+  @jax.jit
+  def loops(state, x_T, x_0, y):
+    net = nnx.merge(graphdef, state)
+    enc = ddim.encode(lambda x, t: net(x, t, y), x_0, ddim10, shifted=True)
+    y2 = jnp.concatenate([y, y])  # one sampling scan for both starts: x_T and the encoded x_0
+    both = ddim.sample(lambda x, t: net(x, t, y2), jnp.concatenate([x_T, enc]), ddim10, shifted=True)
+    return both[:2], enc, both[2:]
+
+  sample, enc, auto = loops(state, ndhwc(f["in/x_T"]), ndhwc(f["in/x_0"]), jnp.asarray(f["in/y"]))
+  np.testing.assert_allclose(np.asarray(sample), ndhwc(f["out/shift_sample"]), atol=1e-3)
+  np.testing.assert_allclose(np.asarray(enc), ndhwc(f["out/shift_encode"]), atol=5e-3)
+  np.testing.assert_allclose(np.asarray(auto), ndhwc(f["out/shift_autoencode"]), atol=1e-3)

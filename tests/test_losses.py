@@ -73,3 +73,36 @@ def test_q_sample_endpoints_and_errors(sched):
     losses.q_sample(sched, z0, jnp.array(3), noise)
   with pytest.raises(ValueError, match="same shape"):
     losses.pdae_loss(z0, z0, noise[:1], jnp.array([0, 1]), sched)
+
+
+@pytest.mark.slow
+def test_pdae_loss_and_gradients_with_shift_unet(sched, load_fixture):
+  """Stage-3 loss through the real tiny ShiftUNet: loss, dL/dy and shift-branch gradients as the reference."""
+  from test_ddim import tiny_network  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from ldae_jax.convert import common, shift_unet as convert_shift  # pylint: disable=import-outside-toplevel
+
+  model = tiny_network(load_fixture, "shift_unet")
+  f = load_fixture("pdae_loss_tiny")
+  trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("unet")))
+  graphdef, params, rest = nnx.split(model, trainable, ...)
+  z0, noise, t = ndhwc(f["in/z_0"]), ndhwc(f["in/noise"]), jnp.asarray(f["in/t"], jnp.int32)
+
+  @jax.jit
+  def loss_fn(params, y):
+    net = nnx.merge(graphdef, params, rest)
+    eps, g = net(losses.q_sample(sched, z0, t, noise), t, y)
+    return losses.pdae_loss(eps, g, noise, t, sched)
+
+  loss, (g_params, g_y) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, jnp.asarray(f["in/y"]))
+  np.testing.assert_allclose(float(loss), float(f["out/loss"]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_y), f["out/grad/y"], atol=1e-6)
+  flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(g_params)}
+  names = [k[len("out/grad/"):] for k in f if k.startswith("out/grad/") and k != "out/grad/y"]
+  assert len(names) == 6
+  for name in names:
+    path, transform = convert_shift.key_map(name)
+    want = common.TRANSFORMS[transform](f[f"out/grad/{name}"])
+    np.testing.assert_allclose(np.asarray(flat[tuple(path)]), want, atol=1e-6, err_msg=name)
+  # The frozen UNet gets no gradient at all: it is not even among the differentiated leaves.
+  assert not any(p[0] == "unet" for p in flat)
