@@ -176,3 +176,7 @@ def finish_stage(stage_dir: str | os.PathLike, summary: dict[str, Any]) -> None:
 
 def host_scalar(x: Any) -> float:
   return float(np.asarray(jax.device_get(x)))
+
+
+def read_summary(stage_dir: str | os.PathLike) -> dict[str, Any]:
+  return json.loads((pathlib.Path(stage_dir) / SUMMARY).read_text())

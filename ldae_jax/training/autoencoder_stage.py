@@ -1,0 +1,170 @@
+"""Stage 1: AutoencoderKL with a least-squares patch discriminator (reference §1.1).
+
+Generator: L_G = L1 + kl_weight * KL + adv_weight * mean (D(x_hat) - 1)^2 (+ perceptual, see below).
+Discriminator: L_D = adv_weight * 0.5 * [mean D(x_hat)^2 + mean (D(x) - 1)^2], x_hat detached; fake and real
+in separate calls (separate BatchNorm batch statistics), as the reference does.
+
+The two networks have separate Adam optimizers (lr, lr_disc) and are clipped separately. The reference's
+generator backward also deposits the gradient of adv_weight * (D(x_hat)-1)^2 into D's gradients (§6 bug 22);
+that leak is off here and reproduced only with `config.train.autoencoder.reference_disc_grad_leak`.
+Both gradients of a micro-batch come from the same, not yet updated, networks: with accumulation the
+reference also steps both only after the last micro-batch, and without it its D step sees the x_hat computed
+before the G step, so this matches its update order.
+
+The perceptual (fake-3D LPIPS) term needs LPIPS/SqueezeNet weights this port does not ship; it is off by
+default (`perceptual_weight = 0`) and the stage says so in its log.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from ldae_jax.training import common
+from ldae_jax.training import state as st
+from ldae_jax.training import volumes
+
+NAME = "autoencoder"
+
+
+def kl_loss(mu: jax.Array, sigma: jax.Array) -> jax.Array:
+  """0.5 * sum over latent elements of (mu^2 + sigma^2 - log sigma^2 - 1), averaged over the batch."""
+  mu = mu.astype(jnp.float32)
+  sigma = sigma.astype(jnp.float32)
+  per = 0.5 * (jnp.square(mu) + jnp.square(sigma) - jnp.log(jnp.square(sigma)) - 1.0)
+  return jnp.mean(jnp.sum(per.reshape(per.shape[0], -1), axis=1))
+
+
+def make_step(g_def, g_rngs, d_def, d_rngs, tx: dict[str, optax.GradientTransformation],
+              cfg: ml_collections.ConfigDict):
+  """Pure AE step `(state, {'image': (B*accum, X, Y, Z, 1)}) -> (state, metrics)`.
+
+  state.params = {'g': autoencoder, 'd': discriminator}; state.rest = same split of the non-trainable state
+  (the discriminator's BatchNorm statistics).
+  """
+  accum = int(cfg.grad_accum)
+  kl_w, adv_w = float(cfg.kl_weight), float(cfg.adv_weight)
+  leak = bool(cfg.reference_disc_grad_leak)
+  decay = float(cfg.ema_decay)
+
+  def g_loss(gp, dp, rest, x, key):
+    ae = st.merge_model(g_def, gp, g_rngs, rest["g"])
+    disc = st.merge_model(d_def, dp, d_rngs, rest["d"])
+    x_hat, mu, sigma = ae(x, key)
+    rec = jnp.mean(jnp.abs(x_hat - x))
+    kl = kl_loss(mu, sigma)
+    adv = jnp.mean(jnp.square(disc(x_hat, train=True)[-1] - 1.0))
+    loss = rec + kl_w * kl + adv_w * adv
+    new_rest = {"g": st.module_rest(ae), "d": st.module_rest(disc)}
+    return loss, (x_hat, new_rest, {"loss": loss, "l1": rec, "kl": kl, "g_adv": adv})
+
+  def d_loss(dp, rest_d, x_hat, x):
+    disc = st.merge_model(d_def, dp, d_rngs, rest_d)
+    fake = disc(x_hat, train=True)[-1]
+    real = disc(x, train=True)[-1]
+    loss = adv_w * 0.5 * (jnp.mean(jnp.square(fake)) + jnp.mean(jnp.square(real - 1.0)))
+    return loss, (st.module_rest(disc), {"d_loss": loss, "d_fake": jnp.mean(fake), "d_real": jnp.mean(real)})
+
+  def grad_fn(params, rest, batch, key):
+    x = batch["image"].astype(jnp.float32)
+    argnums = (0, 1) if leak else 0
+    (_, (x_hat, rest, gm)), g_grads = jax.value_and_grad(g_loss, argnums=argnums, has_aux=True)(
+        params["g"], params["d"], rest, x, key)
+    if leak:
+      g_grads, leaked = g_grads
+    (_, (rest_d, dm)), d_grads = jax.value_and_grad(d_loss, has_aux=True)(
+        params["d"], rest["d"], jax.lax.stop_gradient(x_hat), x)
+    if leak:
+      d_grads = jax.tree.map(jnp.add, d_grads, leaked)
+    return {"g": g_grads, "d": d_grads}, {"g": rest["g"], "d": rest_d}, {**gm, **dm}
+
+  def step(state: st.TrainState, batch):
+    grads, rest, metrics = st.accumulate_grads(grad_fn, state.params, state.rest, batch, st.step_key(state), accum)
+    params, opt_state = {}, {}
+    for k in ("g", "d"):
+      updates, opt_state[k] = tx[k].update(grads[k], state.opt_state[k], state.params[k])
+      params[k] = optax.apply_updates(state.params[k], updates)
+    ema = None if state.ema is None else st.ema_step(state.ema, state.params, params, decay)
+    metrics = {**metrics, "g_grad_norm": optax.global_norm(grads["g"]), "d_grad_norm": optax.global_norm(grads["d"])}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rest=rest), metrics
+
+  return step
+
+
+def build_networks(config: ml_collections.ConfigDict):
+  from ldae_jax.models import build_autoencoder, build_discriminator  # pylint: disable=g-import-not-at-top
+  ae = build_autoencoder(config, nnx.Rngs(params=config.seed))
+  disc = build_discriminator(config, nnx.Rngs(params=config.seed + 1))
+  return ae, disc
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> common.StageSpec:
+  cfg = config.train.autoencoder
+  if cfg.perceptual_weight:
+    raise ValueError(
+        f"config.train.autoencoder.perceptual_weight={cfg.perceptual_weight}: the fake-3D LPIPS term needs "
+        "LPIPS/SqueezeNet weights that this port does not implement; set it to 0 (the default).")
+  print("[autoencoder] perceptual (LPIPS) term: off (config.train.autoencoder.perceptual_weight=0); "
+        f"discriminator gradient leak of the reference: {'ON' if cfg.reference_disc_grad_leak else 'off'}",
+        flush=True)
+  ae, disc = build_networks(config)
+  g_def, gp, g_rngs, g_rest = st.split_model(ae)
+  d_def, dp, d_rngs, d_rest = st.split_model(disc)
+  tx = {"g": st.make_optimizer(cfg), "d": st.make_optimizer(cfg, lr=cfg.lr_disc)}
+  state = st.create_state({"g": gp, "d": dp}, {"g": g_rest, "d": d_rest}, tx, seed=config.seed + 2,
+                          with_ema=cfg.ema_decay > 0)
+  train = volumes.splits(config, workdir)["train"]
+  gbs = int(cfg.batch_size) * int(cfg.grad_accum)
+
+  def make_iterator():
+    return volumes.make_iterator(train, config, global_batch_size=gbs, seed=int(config.seed))
+
+  shape = (gbs,) + tuple(config.data.image_shape) + (1,)
+  return common.StageSpec(
+      name=NAME, state=state, step_fn=make_step(g_def, g_rngs, d_def, d_rngs, tx, cfg), make_iterator=make_iterator,
+      batch_shapes={"image": jax.ShapeDtypeStruct(shape, jnp.float32)}, samples_per_step=gbs,
+      extra_summary={"train_scans": len(train), "autoencoder_parameters": st.count_params(gp),
+                     "discriminator_parameters": st.count_params(dp),
+                     "reference_disc_grad_leak": bool(cfg.reference_disc_grad_leak), "perceptual": False})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mesh=None,
+        stop_at: int | None = None) -> dict[str, Any] | None:
+  return common.train_stage(build(config, workdir), config, workdir, mesh=mesh, stop_at=stop_at)
+
+
+def trained_autoencoder(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+  """(AutoencoderKL with the newest stage-1 weights (EMA when kept), checkpoint step).
+
+  Raises FileNotFoundError naming the path and the fix when stage 1 has not been run in `workdir`.
+  """
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from ldae_jax.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  ckdir = pathlib.Path(workdir) / NAME / "checkpoints"
+  if not ckdir.is_dir() or not any(p.name.isdigit() for p in ckdir.iterdir()):
+    raise FileNotFoundError(f"autoencoder weights not found: {ckdir} has no checkpoint; run the autoencoder "
+                            f"stage first (--config.stage=autoencoder --workdir {workdir}).")
+  cfg = config.train.autoencoder
+  ae, disc = build_networks(config)
+  g_def, gp, g_rngs, g_rest = st.split_model(ae)
+  _, dp, _, d_rest = st.split_model(disc)
+  tx = {"g": st.make_optimizer(cfg), "d": st.make_optimizer(cfg, lr=cfg.lr_disc)}
+  target = st.create_state({"g": gp, "d": dp}, {"g": g_rest, "d": d_rest}, tx, seed=0, with_ema=cfg.ema_decay > 0)
+  ckpt = Checkpointer(ckdir, keep=1000)
+  try:
+    try:
+      restored, _ = ckpt.restore(target)
+    except ValueError as e:
+      raise ValueError(f"autoencoder checkpoint {ckdir} does not match config.autoencoder / discriminator of "
+                       f"this run ({e}); use the config it was trained with.") from e
+    step = int(ckpt.latest_step())
+  finally:
+    ckpt.close()
+  weights = restored.ema if restored.ema is not None else restored.params
+  return st.merge_model(g_def, weights["g"], g_rngs, restored.rest["g"]), step

@@ -1,0 +1,49 @@
+"""Stage dispatch: one stage, or `all` of them in order in one workdir, skipping completed ones.
+
+A stage is complete when `DIR/<stage>/summary.json` exists (written last, atomically). The synthetic
+cohort is generated into `DIR/cohort` on first use when `config.data.manifest` is empty.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from ldae_jax.training import loop
+
+ORDER = ("autoencoder", "latents", "ldm", "representation")
+
+
+def _module(stage: str):
+  from ldae_jax.training import (autoencoder_stage, latents_stage, ldm_stage,  # pylint: disable=g-import-not-at-top
+                                 representation_stage)
+  return {"autoencoder": autoencoder_stage, "latents": latents_stage, "ldm": ldm_stage,
+          "representation": representation_stage}[stage]
+
+
+def run_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: str, **kw: Any):
+  if stage not in ORDER:
+    raise ValueError(f"config.stage={stage!r}: one of {ORDER + ('all',)}.")
+  return _module(stage).run(config, workdir, **kw)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Runs `config.stage` (or all stages) in `workdir`; returns {stage: summary}."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if config.stage != "all":
+    return {config.stage: run_stage(config, workdir, config.stage)}
+  out = {}
+  for stage in ORDER:
+    sdir = workdir / stage
+    if loop.is_complete(sdir):
+      print(f"[{stage}] already complete ({sdir / loop.SUMMARY}); skipping", flush=True)
+      out[stage] = loop.read_summary(sdir)
+      continue
+    out[stage] = run_stage(config, workdir, stage)
+  print(f"all stages complete; outputs in {workdir.absolute()} "
+        f"({', '.join(f'{s}/' for s in ORDER)}, cohort/ when generated)", flush=True)
+  return out

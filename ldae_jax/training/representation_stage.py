@@ -1,0 +1,119 @@
+"""Stage 3: representation learning (reference §1.4).
+
+The ShiftUNet's UNet is loaded from the stage-2 **EMA** weights and frozen (deterministic, stop_gradient);
+the semantic encoder and the shift branch are trained with the PDAE loss
+  L = mean lambda_t (eps - (eps_hat + c_t G))^2, y = Enc(image), (eps_hat, G) = ShiftUNet(z_t, t, y),
+with EMA copies of both. Missing or mismatching stage-2 weights are a hard error (the reference silently
+trained on a random UNet, §6 bug 1). EMA once per optimizer step unless
+`config.train.representation.reference_ema_per_microbatch` (the reference's per-micro-batch update, §6 bug 6).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from ldae_jax.data import shards
+from ldae_jax.diffusion import losses
+from ldae_jax.diffusion.schedule import make_schedule
+from ldae_jax.training import common
+from ldae_jax.training import ldm_stage
+from ldae_jax.training import state as st
+
+NAME = "representation"
+SHIFT_TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("unet")))
+
+
+def load_frozen_unet(shift_unet: nnx.Module, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> int:
+  """Copies the stage-2 EMA UNet into `shift_unet.unet`; returns the stage-2 step. Errors name path and fix."""
+  weights, step = ldm_stage.ema_unet_params(config, workdir)
+  current = nnx.state(shift_unet.unet, nnx.Param)
+  want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), nnx.to_pure_dict(current))
+  got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), weights)
+  if want != got:
+    raise ValueError(f"stage-2 EMA UNet in {workdir}/ldm/checkpoints does not match the ShiftUNet's UNet built "
+                     "from config.unet; use the config stage 2 was trained with, or retrain stage 2.")
+  nnx.replace_by_pure_dict(current, weights)
+  nnx.update(shift_unet.unet, current)
+  return step
+
+
+def make_step(s_def, s_rngs, e_def, e_rngs, tx: optax.GradientTransformation, sched, scale: float,
+              cfg: ml_collections.ConfigDict):
+  """Pure stage-3 step; batch = {'mu': (B*accum, x, y, z, C), 'image': (B*accum, X, Y, Z, 1)}."""
+  accum = int(cfg.grad_accum)
+  decay = float(cfg.ema_decay)
+  ema_updates = accum if cfg.reference_ema_per_microbatch else 1
+  timesteps = int(sched.num_timesteps)
+
+  def loss_fn(params, rest, batch, key):
+    shift = st.merge_model(s_def, params["shift"], s_rngs, rest["shift"])
+    enc = st.merge_model(e_def, params["encoder"], e_rngs, rest["encoder"])
+    z0 = batch["mu"].astype(jnp.float32) * scale
+    k_t, k_n, k_e, k_s = jax.random.split(key, 4)
+    t = jax.random.randint(k_t, (z0.shape[0],), 0, timesteps)
+    noise = jax.random.normal(k_n, z0.shape, jnp.float32)
+    y = enc(batch["image"], deterministic=False, rngs=nnx.Rngs(dropout=k_e))
+    eps, g = shift(losses.q_sample(sched, z0, t, noise), t, y, deterministic=False, rngs=nnx.Rngs(dropout=k_s))
+    return losses.pdae_loss(eps, g, noise, t, sched)
+
+  def grad_fn(params, rest, batch, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch, key)
+    return grads, rest, {"loss": loss}
+
+  def step(state: st.TrainState, batch):
+    grads, rest, metrics = st.accumulate_grads(grad_fn, state.params, state.rest, batch, st.step_key(state), accum)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = None if state.ema is None else st.ema_step(state.ema, state.params, params, decay, updates=ema_updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rest=rest), metrics
+
+  return step
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> common.StageSpec:
+  from ldae_jax.models import build_encoder, build_shift_unet  # pylint: disable=g-import-not-at-top
+  cfg = config.train.representation
+  sdir = ldm_stage.shard_dir(workdir)
+  meta = shards.read_metadata(sdir)
+  if "image" not in meta["fields"]:
+    raise ValueError(f"{sdir} holds no images (config.train.latents_store_images was off); stage 3 needs the "
+                     "image beside each latent: rerun the `latents` stage with it on.")
+  shape = ldm_stage.check_latent_shape(config, meta, str(sdir))
+  scale = ldm_stage.scale_factor(config, meta, str(sdir))
+  shift_unet = build_shift_unet(config, nnx.Rngs(params=config.seed + 10, dropout=config.seed + 11))
+  ldm_step = load_frozen_unet(shift_unet, config, workdir)
+  encoder = build_encoder(config, nnx.Rngs(params=config.seed + 12, dropout=config.seed + 13))
+  s_def, sp, s_rngs, s_rest = st.split_model(shift_unet, SHIFT_TRAINABLE)
+  e_def, ep, e_rngs, e_rest = st.split_model(encoder)
+  tx = st.make_optimizer(cfg)
+  state = st.create_state({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest}, tx,
+                          seed=config.seed + 14, with_ema=cfg.ema_decay > 0)
+  sched = make_schedule(config.diffusion)
+  gbs = int(cfg.batch_size) * int(cfg.grad_accum)
+
+  def make_iterator():
+    return shards.make_iterator(sdir, global_batch_size=gbs, seed=int(config.seed), shuffle=True, repeat=True,
+                                drop_remainder=True, fields=("mu", "image"), num_workers=int(config.data.num_workers))
+
+  image_shape = (gbs,) + tuple(config.data.image_shape) + (1,)
+  return common.StageSpec(
+      name=NAME, state=state, step_fn=make_step(s_def, s_rngs, e_def, e_rngs, tx, sched, scale, cfg),
+      make_iterator=make_iterator,
+      batch_shapes={"mu": jax.ShapeDtypeStruct((gbs,) + shape, jnp.float32),
+                    "image": jax.ShapeDtypeStruct(image_shape, jnp.float32)},
+      samples_per_step=gbs,
+      extra_summary={"scale_factor": scale, "ldm_step": ldm_step, "train_records": int(meta["count"]),
+                     "ema_per_microbatch": bool(cfg.reference_ema_per_microbatch)})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mesh=None,
+        stop_at: int | None = None) -> dict[str, Any] | None:
+  return common.train_stage(build(config, workdir), config, workdir, mesh=mesh, stop_at=stop_at)

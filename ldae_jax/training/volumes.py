@@ -1,0 +1,94 @@
+"""The scans a run trains on: the manifest (or the generated synthetic cohort), its subject-level split, and
+a grain pipeline of preprocessed volumes for the autoencoder stage.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ldae_jax.data import manifest as mf
+
+# Below this many bytes the preprocessed volumes are decoded once and kept in memory (a small cohort on a CPU
+# would otherwise spend most of each step re-reading NIfTI files).
+PRELOAD_LIMIT_BYTES = 1 << 30
+
+
+def manifest_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
+  """`config.data.manifest`, or the synthetic cohort in `DIR/cohort` (generated on first use)."""
+  if config.data.manifest:
+    path = pathlib.Path(config.data.manifest)
+    if not path.is_file():
+      raise FileNotFoundError(f"config.data.manifest={str(path)!r} does not exist; give the CSV path, or leave "
+                              "it empty to generate the synthetic cohort into <workdir>/cohort.")
+    return path
+  out = pathlib.Path(workdir) / "cohort"
+  existing = out / "manifest.csv"
+  if existing.is_file():
+    return existing
+  from ldae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  print(f"config.data.manifest is empty: generating a synthetic cohort of {config.data.synthetic.subjects} "
+        f"subjects into {out}", flush=True)
+  return pathlib.Path(synthetic.generate_cohort(
+      out, subjects=int(config.data.synthetic.subjects), seed=int(config.data.synthetic.seed),
+      shape=tuple(config.data.image_shape), spacing_mm=float(config.data.spacing_mm)))
+
+
+def splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, list[mf.ScanRecord]]:
+  """{train, val, test} scan records of the run's manifest, split by subject with `config.data.split_seed`."""
+  records = mf.read_manifest(manifest_path(config, workdir), classes=tuple(config.data.classes))
+  return mf.split_by_subject(records, val_fraction=float(config.data.val_fraction),
+                             test_fraction=float(config.data.test_fraction), seed=int(config.data.split_seed))
+
+
+def load(record: mf.ScanRecord, config: ml_collections.ConfigDict) -> np.ndarray:
+  """One preprocessed volume as float32 (X, Y, Z, 1)."""
+  from ldae_jax.data.nifti import load_volume  # pylint: disable=g-import-not-at-top
+  vol = load_volume(record.path, shape=tuple(config.data.image_shape), spacing_mm=float(config.data.spacing_mm),
+                    percentile_clip=float(config.data.percentile_clip))
+  return np.asarray(vol, np.float32)[..., None]
+
+
+class VolumeSource:
+  """Random-access source of {'image': (X, Y, Z, 1)} for grain; preloads small cohorts into memory."""
+
+  def __init__(self, records: Sequence[mf.ScanRecord], config: ml_collections.ConfigDict):
+    self.records = list(records)
+    self.config = config
+    nbytes = len(self.records) * int(np.prod(config.data.image_shape)) * 4
+    self._cache = None
+    if nbytes <= PRELOAD_LIMIT_BYTES:
+      self._cache = np.stack([load(r, config) for r in self.records]) if self.records else None
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    img = self._cache[i] if self._cache is not None else load(self.records[i], self.config)
+    return {"image": img}
+
+
+def make_iterator(records: Sequence[mf.ScanRecord], config: ml_collections.ConfigDict, *, global_batch_size: int,
+                  seed: int) -> Any:
+  """Shuffled, repeated grain iterator of process-local volume batches (get_state/set_state for resuming).
+
+  Same scheme as the latent shards: one global seeded shuffle per epoch, then each process takes every
+  process_count-th element, so processes read disjoint scans.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  if not records:
+    raise ValueError("the training split is empty: check config.data.manifest and config.data.test_fraction / "
+                     "val_fraction.")
+  pc, pi = jax.process_count(), jax.process_index()
+  if global_batch_size % pc:
+    raise ValueError(f"global batch {global_batch_size} (config.train.autoencoder.batch_size x grad_accum) must "
+                     f"be a multiple of the {pc} processes.")
+  ds = grain.MapDataset.source(VolumeSource(records, config)).seed(seed).shuffle().repeat()
+  ds = ds[pi::pc].batch(global_batch_size // pc, drop_remainder=True)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
