@@ -12,7 +12,9 @@ smooth deformation (head size, shape), with:
 * T1 contrast (WM 1, GM ~0.62, CSF ~0.2, per-subject jitter), a smooth multiplicative bias field and Rician
   noise, inside a hard brain mask (skull-stripped data, background 0, as the reference's preprocessed scans).
 
-Sessions of a subject share its anatomy and differ by atrophy progression, bias and noise. The files are
+Sessions of a subject share its anatomy and diagnosis (no conversions) and differ by atrophy progression,
+bias and noise. Diagnoses are balanced (each block of 3 subjects holds CN, MCI and AD) and share one baseline
+age distribution, so age and disease are not confounded. The files are
 written as a real cohort would be (BIDS-like `sub-XXXX/ses-MYYY/anat/*_T1w.nii.gz`, int16 + scale, RAS,
 `nifti.volume_affine` geometry) with `manifest.csv` in the project's manifest format and `ground_truth.csv`
 holding the factors and per-scan volumes (mL) measured on the simulated tissue maps.
