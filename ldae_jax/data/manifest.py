@@ -11,7 +11,7 @@ Columns (the reference's `BrainMRDataModule` schema, section 3.1 of the referenc
 | `session` | no | months since baseline (`12`, `M12`, `ses-M12`); else `ses-M<months>` in `path`; else 0 |
 | `latent_path` | no | `.npz` latent written by the latents stage; may be empty |
 
-The path regex is the reference's (`ses-M(\d+)`). Extra columns are ignored. Labels are indices into `sorted(classes)` as in the reference (AD=0, CN=1, MCI=2).
+The path pattern is the reference's regex. Extra columns are ignored. Labels are indices into `sorted(classes)` as in the reference (AD=0, CN=1, MCI=2).
 A scan is identified by `<subject>_ses-M<months, 3 digits>`; two rows with the same id or the same file are
 an error, because they would leak one scan into two splits or count it twice.
 """
