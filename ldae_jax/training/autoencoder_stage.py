@@ -91,7 +91,7 @@ def make_step(g_def, g_rngs, d_def, d_rngs, tx: dict[str, optax.GradientTransfor
       updates, opt_state[k] = tx[k].update(grads[k], state.opt_state[k], state.params[k])
       params[k] = optax.apply_updates(state.params[k], updates)
     ema = None if state.ema is None else st.ema_step(state.ema, state.params, params, decay)
-    metrics = {**metrics, "g_grad_norm": optax.global_norm(grads["g"]), "d_grad_norm": optax.global_norm(grads["d"])}
+    metrics = {**metrics, "g_grad_norm": optax.tree.norm(grads["g"]), "d_grad_norm": optax.tree.norm(grads["d"])}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rest=rest), metrics
 
   return step

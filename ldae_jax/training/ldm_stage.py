@@ -78,7 +78,7 @@ def make_step(graphdef, rng_state, tx: optax.GradientTransformation, sched, scal
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = None if state.ema is None else st.ema_step(state.ema, state.params, params, decay)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rest=rest), metrics
 
   return step

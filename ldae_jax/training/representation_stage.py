@@ -72,7 +72,7 @@ def make_step(s_def, s_rngs, e_def, e_rngs, tx: optax.GradientTransformation, sc
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = None if state.ema is None else st.ema_step(state.ema, state.params, params, decay, updates=ema_updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rest=rest), metrics
 
   return step

@@ -1,0 +1,134 @@
+"""Training pipeline: exact resume of the ldm stage, the pure helpers (accumulation, EMA), and the stage-3
+refusal to start without stage-2 weights. Tiny shapes; one UNet step compilation shared via the persistent
+compilation cache."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldae_jax.config import default_config, validate
+from ldae_jax.data import shards
+from ldae_jax.training import ldm_stage, loop, representation_stage
+from ldae_jax.training import state as st
+
+
+def tiny_config():
+  """Smallest config the stages accept: latent (4, 4, 4, 3), one-level UNet without attention."""
+  c = default_config()
+  c.data.image_shape = (8, 8, 8)
+  c.encoder.seq_len = 8
+  c.autoencoder.channels = (4, 4)
+  c.autoencoder.norm_groups = 2
+  c.unet.base_channels = 4
+  c.unet.channel_mult = (1,)
+  c.unet.num_res_blocks = 1
+  c.unet.attention_resolutions = ()
+  c.unet.norm_groups = 2
+  c.encoder.dims = (4, 8)
+  c.encoder.depths = (1, 1)
+  c.encoder.emb_dim = 8
+  c.encoder.num_heads = 2
+  t = c.train.ldm
+  t.batch_size, t.grad_accum, t.steps, t.log_every, t.checkpoint_every, t.keep_checkpoints = 2, 2, 4, 1, 1, 2
+  c.stage = "ldm"
+  validate(c)
+  return c
+
+
+def write_shards(workdir: pathlib.Path, n: int = 8, with_images: bool = False) -> None:
+  rng = np.random.default_rng(0)
+  with shards.ShardWriter(workdir / "latents" / "shards" / "train", records_per_shard=4,
+                          metadata={"scale_factor": 0.75}) as w:
+    for i in range(n):
+      rec = dict(mu=rng.normal(size=(4, 4, 4, 3)).astype(np.float32), logvar=np.zeros((4, 4, 4, 3), np.float32),
+                 subject=f"s{i}", scan_id=f"s{i}")
+      if with_images:
+        rec["image"] = rng.uniform(size=(8, 8, 8, 1)).astype(np.float32)
+      w.write(rec)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """The three runs below lower the same step: compile it once."""
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jaxcache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def test_ldm_resume_reproduces_uninterrupted_run(tmp_path):
+  c = tiny_config()
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  write_shards(full)
+  write_shards(cut)
+  s_full = ldm_stage.run(c, full)
+  assert ldm_stage.run(c, cut, stop_at=2) is None  # "preempted" after step 2: no summary
+  assert not loop.is_complete(cut / "ldm")
+  s_cut = ldm_stage.run(c, cut)  # resumes from checkpoint 2 (state, RNG key and grain position)
+  assert s_cut["steps_this_run"] == 2
+  a, b = loop.read_metrics(full / "ldm"), loop.read_metrics(cut / "ldm")
+  assert [m["step"] for m in b] == [1, 2, 3, 4]
+  for ma, mb in zip(a, b):
+    assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"], (ma, mb)
+  assert s_full["final_loss"] == s_cut["final_loss"]
+  summary = json.loads((cut / "ldm" / "summary.json").read_text())
+  for k in ("final_loss", "steps", "samples_per_s", "compile_seconds", "wall_seconds"):
+    assert summary[k] is not None, k
+  assert summary["scale_factor"] == 0.75
+  kept = sorted(int(p.name) for p in (cut / "ldm" / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept == [3, 4]  # keep_checkpoints = 2
+  assert (cut / "ldm" / "events").is_dir() and any((cut / "ldm" / "events").iterdir())
+  # The EMA UNet that stage 3 loads is the one stage 2 saved, and it moved away from the raw parameters.
+  ema, step = ldm_stage.ema_unet_params(c, cut)
+  assert step == 4
+  assert jax.tree.structure(ema) == jax.tree.structure(st.split_model(
+      __import__("ldae_jax.models", fromlist=["build_unet"]).build_unet(c, __import__("flax").nnx.Rngs(0)))[1])
+
+
+def test_representation_refuses_without_stage2_weights(tmp_path):
+  c = tiny_config()
+  write_shards(tmp_path, with_images=True)
+  with pytest.raises(FileNotFoundError, match=r"ldm/checkpoints.*config.stage=ldm"):
+    representation_stage.build(c, tmp_path)
+
+
+def test_accumulate_grads_equals_full_batch_gradient():
+  w = {"w": jnp.arange(3.0)}
+  x = jax.random.normal(jax.random.key(0), (8, 3))
+
+  def grad_fn(p, rest, batch, key):
+    loss, g = jax.value_and_grad(lambda p: jnp.mean((batch["x"] @ p["w"]) ** 2))(p)
+    return g, rest + 1, {"loss": loss}
+
+  g1, r1, m1 = st.accumulate_grads(grad_fn, w, jnp.zeros(()), {"x": x}, jax.random.key(1), 1)
+  g4, r4, m4 = st.accumulate_grads(grad_fn, w, jnp.zeros(()), {"x": x}, jax.random.key(1), 4)
+  np.testing.assert_allclose(g4["w"], g1["w"], rtol=1e-6)
+  np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+  assert int(r4) == 4 and int(r1) == 1  # rest threaded through every micro-batch
+
+
+def test_ema_per_step_and_reference_per_microbatch():
+  ema, old, new, d = {"p": jnp.float32(0.0)}, {"p": jnp.float32(1.0)}, {"p": jnp.float32(2.0)}, 0.9
+  np.testing.assert_allclose(st.ema_step(ema, old, new, d)["p"], 0.1 * 2.0, rtol=1e-6)
+  # Reference: 3 updates towards the unchanged weights, then one towards the stepped ones.
+  e = 0.0
+  for _ in range(3):
+    e = d * e + (1 - d) * 1.0
+  e = d * e + (1 - d) * 2.0
+  np.testing.assert_allclose(st.ema_step(ema, old, new, d, updates=4)["p"], e, rtol=1e-6)
+
+
+def test_microbatches_split_rows_per_device_block():
+  x = jnp.arange(8)
+  mb = st.microbatches({"x": x}, 2)["x"]
+  assert mb.shape == (2, 4)
+  np.testing.assert_array_equal(mb[0], [0, 2, 4, 6])
+  np.testing.assert_array_equal(np.sort(np.concatenate(mb)), np.arange(8))
