@@ -482,7 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   path = generate_cohort(args.out, subjects=args.subjects, seed=args.seed, shape=shape,
                          spacing_mm=args.spacing, sessions=sessions, interval_months=args.interval,
                          progress=not args.quiet)
-  n_scans = sum(1 for _ in open(path)) - 1
+  with open(path) as f:
+    n_scans = sum(1 for _ in f) - 1
   print(f"synthetic cohort: {args.subjects} subjects, {n_scans} scans, {shape} at {args.spacing} mm, "
         f"{time.time() - t0:.1f} s -> {path}")
   return 0
