@@ -46,10 +46,16 @@ def key_map(torch_key: str) -> tuple[tuple, str] | None:
   return None
 
 
+def map_state_dict(torch_sd: Mapping[str, np.ndarray], model, *, source: str = "<autoencoder state dict>"
+                   ) -> tuple[dict, common.ConversionReport]:
+  """(Flax path -> array, report) without touching `model` (which may be abstract, from nnx.eval_shape)."""
+  sd = select_prefix(torch_sd, PREFIXES)
+  return common.convert_state_dict(sd, common.flat_param_shapes(model), key_map, source=source)
+
+
 def convert(torch_sd: Mapping[str, np.ndarray], model, *, source: str = "<autoencoder state dict>"
             ) -> common.ConversionReport:
   """Fills `model` (an AutoencoderKL) in place from a reference state dict; raises ConversionError if incomplete."""
-  sd = select_prefix(torch_sd, PREFIXES)
-  flat, report = common.convert_state_dict(sd, common.flat_param_shapes(model), key_map, source=source)
+  flat, report = map_state_dict(torch_sd, model, source=source)
   common.load_into_model(model, flat)
   return report

@@ -38,11 +38,16 @@ def _ignore(key: str) -> bool:
   return key.endswith("num_batches_tracked")
 
 
+def map_state_dict(torch_sd: Mapping[str, np.ndarray], model, *, source: str = "<discriminator state dict>"
+                   ) -> tuple[dict, common.ConversionReport]:
+  """(Flax path -> array, report) without touching `model` (which may be abstract, from nnx.eval_shape)."""
+  sd = select_prefix(torch_sd, PREFIXES)
+  return common.convert_state_dict(sd, common.flat_param_shapes(model), key_map, ignore=_ignore, source=source)
+
+
 def convert(torch_sd: Mapping[str, np.ndarray], model, *, source: str = "<discriminator state dict>"
             ) -> common.ConversionReport:
   """Fills `model` (parameters and BatchNorm statistics) in place; raises ConversionError if incomplete."""
-  sd = select_prefix(torch_sd, PREFIXES)
-  flat, report = common.convert_state_dict(sd, common.flat_param_shapes(model), key_map, ignore=_ignore,
-                                           source=source)
+  flat, report = map_state_dict(torch_sd, model, source=source)
   common.load_into_model(model, flat)
   return report

@@ -88,9 +88,9 @@ def _check_pe(pe: np.ndarray, model, source: str) -> None:
                                  f"{model.seq_len}; set seq_len to the checkpoint's.")
 
 
-def convert(torch_sd: Mapping[str, np.ndarray], model, *, prefix: str | None = None,
-            source: str = "<encoder state dict>") -> common.ConversionReport:
-  """Fills `model` (a SemanticEncoder) in place; raises ConversionError if anything does not fit."""
+def map_state_dict(torch_sd: Mapping[str, np.ndarray], model, *, prefix: str | None = None,
+                   source: str = "<encoder state dict>") -> tuple[dict, common.ConversionReport]:
+  """(Flax path -> array, report) without touching `model` (which may be abstract, from nnx.eval_shape)."""
   sd = common.strip_prefix(torch_sd, prefix) if prefix else select_prefix(torch_sd, PREFIXES)
   duplicates = {}
   for key in sd:
@@ -103,8 +103,14 @@ def convert(torch_sd: Mapping[str, np.ndarray], model, *, prefix: str | None = N
         duplicates[key] = original
   if _PE_KEY in sd:
     _check_pe(sd[_PE_KEY], model, source)
-  flat, report = common.convert_state_dict(sd, common.flat_param_shapes(model), key_map, duplicates=duplicates,
-                                           ignore=lambda k: k == _PE_KEY, source=source)
+  return common.convert_state_dict(sd, common.flat_param_shapes(model), key_map, duplicates=duplicates,
+                                   ignore=lambda k: k == _PE_KEY, source=source)
+
+
+def convert(torch_sd: Mapping[str, np.ndarray], model, *, prefix: str | None = None,
+            source: str = "<encoder state dict>") -> common.ConversionReport:
+  """Fills `model` (a SemanticEncoder) in place; raises ConversionError if anything does not fit."""
+  flat, report = map_state_dict(torch_sd, model, prefix=prefix, source=source)
   common.load_into_model(model, flat)
   return report
 
