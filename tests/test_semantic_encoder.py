@@ -1,0 +1,169 @@
+"""2.5D semantic encoder and ConvNeXt: reference fixture, axial slicing, listing, torchvision import, train mode."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import paper
+from ldae_jax.convert import semantic_encoder as conv_e
+from ldae_jax.convert.common import ConversionError, flat_param_shapes, load_into_model
+from ldae_jax.models.convnext import ConvNeXt, drop_probabilities, stochastic_depth
+from ldae_jax.models.semantic_encoder import SemanticEncoder, build_encoder, positional_table
+
+TOL = dict(rtol=1e-4, atol=5e-5)
+TINY = dict(dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), stochastic_depth=0.1, emb_dim=128, num_heads=8,
+            seq_len=16)
+
+
+def listing_state_dict(path):
+  sd = {}
+  for line in path.read_text().splitlines():
+    if line.startswith("#") or line.startswith("total_unique_parameters"):
+      continue
+    name, shape, dtype, _ = line.split("\t")
+    sd[name] = np.broadcast_to(np.zeros((), dtype), tuple(json.loads(shape)))
+  return sd
+
+
+def params_of(z):
+  return {k[len("param/"):]: v for k, v in z.items() if k.startswith("param/")}
+
+
+def tiny_model(z, dtype=jnp.float32):
+  # Abstract build + conversion: every parameter comes from the fixture (real init would only cost time).
+  model = nnx.eval_shape(lambda: SemanticEncoder(**TINY, dtype=dtype, rngs=nnx.Rngs(0)))
+  report = conv_e.convert(params_of(z), model)
+  model.rngs = nnx.Rngs(dropout=0)
+  return model, report
+
+
+@pytest.fixture(scope="module")
+def tiny(load_fixture):
+  z = load_fixture("semantic_encoder_tiny")
+  model, report = tiny_model(z)
+  x = jnp.asarray(z["in/image"].transpose(0, 3, 4, 2, 1))  # (B, 1, Z, X, Y) -> (B, X, Y, Z, 1)
+  y, inter = model.forward_with_intermediates(x)
+  return z, model, report, x, y, inter
+
+
+def test_fixture_forward_matches_reference(tiny):
+  z, _, report, _, y, inter = tiny
+  assert report.duplicates_skipped == 90 and report.ignored == ["positional_encoding.pe"]
+  np.testing.assert_allclose(np.asarray(y), z["out/y"], **TOL)
+  for name, value in inter.items():
+    np.testing.assert_allclose(np.asarray(value), z[f"out/{name}"], **TOL, err_msg=name)
+  np.testing.assert_allclose(np.asarray(inter["soft_attention_weights"]).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_positional_table_equals_reference_buffer(tiny):
+  pe = tiny[0]["param/positional_encoding.pe"][0]
+  np.testing.assert_allclose(positional_table(16, 128), pe, rtol=0, atol=1e-6)
+
+
+def test_encoder_sees_axial_slices(tiny):
+  _, model, _, x, _, inter = tiny
+  k = 5
+  x2 = x.at[0, :, :, k, 0].set(jax.random.uniform(jax.random.key(1), x.shape[1:3]))
+  feats = np.asarray(model.slice_features(jnp.stack([x[0], x2[0]])))
+  diff = np.abs(feats[1] - feats[0]).max(axis=-1)
+  assert diff[k] > 1e-3
+  assert np.all(np.delete(diff, k) == 0.0)
+  np.testing.assert_allclose(feats[0], np.asarray(inter["slice_features"][0]), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_close_to_fp32(tiny):
+  z, _, _, x, y, _ = tiny
+  model, _ = tiny_model(z, jnp.bfloat16)
+  y16 = model(x)
+  assert y16.dtype == jnp.float32
+  # LayerNorm output of magnitude ~1-3: bf16 backbone (8-bit mantissa) stays within a few percent.
+  assert np.abs(np.asarray(y16) - np.asarray(y)).max() < 0.1
+  assert np.corrcoef(np.asarray(y16).ravel(), np.asarray(y).ravel())[0, 1] > 0.999
+
+
+def test_train_mode_randomness(tiny):
+  _, model, _, x, y, _ = tiny
+  xs = x[:1]
+  a = model(xs, deterministic=False, rngs=jax.random.key(0))
+  b = model(xs, deterministic=False, rngs=jax.random.key(0))
+  c = model(xs, deterministic=False)  # the module's own `dropout` stream
+  d = model(xs, deterministic=False)  # ...which advances
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.abs(np.asarray(a) - np.asarray(y[:1])).max() > 1e-3
+  assert np.abs(np.asarray(c) - np.asarray(d)).max() > 1e-3
+
+
+def test_stochastic_depth_row_mode():
+  x = jnp.ones((4000, 2, 2, 3))
+  out = np.asarray(stochastic_depth(x, 0.25, jax.random.key(0)))
+  per_image = out.reshape(4000, -1)
+  assert np.all(per_image.min(1) == per_image.max(1))  # whole images kept or dropped
+  assert set(np.unique(per_image)) <= {0.0, np.float32(1.0 / 0.75)}
+  assert abs((per_image[:, 0] == 0).mean() - 0.25) < 0.03
+  np.testing.assert_array_equal(np.asarray(stochastic_depth(x, 0.25, None)), np.asarray(x))
+  probs = drop_probabilities((3, 3, 27, 3), 0.4)
+  assert len(probs) == 36 and probs[0] == 0.0 and probs[-1] == pytest.approx(0.4)
+  np.testing.assert_allclose(np.diff(probs), 0.4 / 35)
+
+
+def test_paper_listing_maps_completely(refdir):
+  sd = listing_state_dict(refdir / "state_dicts" / "attention_semantic_encoder_paper.txt")
+  sd["positional_encoding.pe"] = positional_table(128, 768)[None]
+  model = nnx.eval_shape(lambda: build_encoder(paper.get_config(), nnx.Rngs(0)))
+  # A Lightning stage-3 checkpoint holds `encoder.` and `ema_encoder.`; the EMA copy is chosen.
+  ckpt = {f"ema_encoder.{k}": v for k, v in sd.items()} | {f"encoder.{k}": v[..., :0] for k, v in sd.items()}
+  flat, report = conv_e.map_state_dict(ckpt, model)
+  # 342 backbone tensors registered twice (the README's "343" counts the listing's header line too).
+  n_dup = sum(k.startswith("slice_distributed.module.backbone.") for k in sd)
+  assert n_dup == 342 and report.duplicates_skipped == n_dup and report.ignored == ["positional_encoding.pe"]
+  assert report.consumed == len(flat) == len(flat_param_shapes(model)) == len(sd) - n_dup - 1
+  n = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  assert n == 53_588_065
+  bad = dict(sd, **{"positional_encoding.pe": positional_table(128, 768)[None] + 1.0})
+  with pytest.raises(ConversionError, match="positional_encoding.pe"):
+    conv_e.map_state_dict(bad, model)
+
+
+def test_import_torchvision_sums_the_stem(tiny):
+  z = tiny[0]
+  rng = np.random.default_rng(0)
+  tv = {k[len("backbone.backbone."):]: v for k, v in params_of(z).items() if k.startswith("backbone.backbone.")}
+  rgb = rng.normal(0, 0.1, (16, 3, 4, 4)).astype(np.float32)
+  tv["features.0.0.weight"] = rgb
+  tv["classifier.2.weight"] = np.zeros((1000, 128), np.float32)
+  tv["classifier.2.bias"] = np.zeros((1000,), np.float32)
+  model = nnx.eval_shape(lambda: SemanticEncoder(**TINY, rngs=nnx.Rngs(0)))
+  report = conv_e.import_torchvision_convnext(tv, model)
+  assert report.consumed == len(tv) - 2
+  np.testing.assert_allclose(np.asarray(model.backbone.features[0][0].kernel[...]),
+                             rgb.sum(1, keepdims=True).transpose(2, 3, 1, 0), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(model.backbone.features[5][1].block_3.kernel[...]),
+                                tv["features.5.1.block.3.weight"].T)
+  np.testing.assert_array_equal(np.asarray(model.backbone.features[1][0].layer_scale[...]),
+                                tv["features.1.0.layer_scale"].reshape(-1))
+
+
+def test_remat_gives_same_gradients():
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
+  grads = []
+  for remat in (False, True):
+    m = nnx.eval_shape(lambda r=remat: ConvNeXt(dims=(4, 8), depths=(1, 1), remat=r, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(1)
+    load_into_model(m, {p: rng.normal(0, 0.3, s).astype(np.float32) for p, s in flat_param_shapes(m).items()})
+    grads.append(nnx.to_flat_state(nnx.grad(lambda m: jnp.sum(m(x) ** 2))(m)))
+  for (p1, g1), (p2, g2) in zip(*grads):
+    assert p1 == p2
+    np.testing.assert_allclose(np.asarray(g1.get_value()), np.asarray(g2.get_value()), rtol=1e-5, atol=1e-7)
+
+
+def test_bad_configuration_and_input_raise(tiny):
+  with pytest.raises(ValueError, match="emb_dim"):
+    nnx.eval_shape(lambda: SemanticEncoder(**dict(TINY, emb_dim=64), rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="seq_len"):
+    tiny[1](jnp.zeros((1, 32, 40, 17, 1)))
