@@ -91,7 +91,10 @@ def _check_pe(pe: np.ndarray, model, source: str) -> None:
 def map_state_dict(torch_sd: Mapping[str, np.ndarray], model, *, prefix: str | None = None,
                    source: str = "<encoder state dict>") -> tuple[dict, common.ConversionReport]:
   """(Flax path -> array, report) without touching `model` (which may be abstract, from nnx.eval_shape)."""
-  sd = common.strip_prefix(torch_sd, prefix) if prefix else select_prefix(torch_sd, PREFIXES)
+  if prefix is None:  # auto: the EMA copy of a Lightning checkpoint, else the plain encoder state dict
+    sd = select_prefix(torch_sd, PREFIXES)
+  else:  # explicit; "" means the keys are already bare
+    sd = common.strip_prefix(torch_sd, prefix) if prefix else dict(torch_sd)
   duplicates = {}
   for key in sd:
     if key.startswith(_DUPLICATE):
