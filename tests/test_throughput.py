@@ -35,13 +35,13 @@ def test_ldae_and_dae_ddim_side_by_side():
   d = dae_image_space.get_config("small")
   d.unet.base_channels, d.unet.channel_mult, d.unet.norm_groups, d.unet.attention_resolutions = 4, (1, 2), 4, ()
   ws = (throughput.ddim_workloads(c, label="ldae", spatial=(8, 10, 8), channels=3, batch=1, steps=2, emb_dim=16)
-        + throughput.ddim_workloads(d, label="dae", spatial=(32, 40, 32), channels=1, batch=1, steps=2,
+        + throughput.ddim_workloads(d, label="dae", spatial=(16, 20, 16), channels=1, batch=1, steps=2,
                                     emb_dim=16))
   assert [w.name for w in ws] == ["ldae_ddim2_encode", "ldae_ddim2_sample", "dae_ddim2_encode", "dae_ddim2_sample"]
   for w in ws:  # model FLOPs = steps x one network call
     assert w.model_flops == pytest.approx(2 * w.info["flops_per_network_call"])
   r = [throughput.measure(w, repeats=1) for w in (ws[1], ws[3])]
   assert all(x["samples_per_s"] > 0 and x["compile_s"] > 0 and x["mfu"] is None for x in r)
-  assert r[1]["input_shape"] == [1, 32, 40, 32, 1] and r[0]["input_shape"] == [1, 8, 10, 8, 3]
+  assert r[1]["input_shape"] == [1, 16, 20, 16, 1] and r[0]["input_shape"] == [1, 8, 10, 8, 3]
   # Voxel space costs more model FLOPs per sample than latent space, even with a narrower UNet.
   assert r[1]["model_flops_per_call"] > r[0]["model_flops_per_call"]
