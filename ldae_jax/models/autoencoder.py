@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from ldae_jax.models.conv import conv_general_dilated
 from ldae_jax.models.init import dtype_from_name, torch_bias_init, torch_kernel_init
 
 LOGVAR_MIN = -30.0
@@ -37,7 +38,8 @@ class Conv(nnx.Module):
     fan_in = in_ch * kernel**3
     self.conv = nnx.Conv(in_ch, out_ch, (kernel,) * 3, strides=(strides,) * 3, padding=padding,
                          kernel_init=torch_kernel_init, bias_init=torch_bias_init(fan_in),
-                         dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                         dtype=dtype, param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated,
+                         rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.conv(x)

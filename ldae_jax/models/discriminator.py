@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from ldae_jax.models.conv import conv_general_dilated
 from ldae_jax.models.init import dtype_from_name
 
 _PAD = ((1, 1), (1, 1), (1, 1))
@@ -33,7 +34,7 @@ def _bn_scale_init(key, shape, dtype=jnp.float32):
 def _conv(in_ch: int, out_ch: int, stride: int, use_bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Conv:
   return nnx.Conv(in_ch, out_ch, (4, 4, 4), strides=(stride,) * 3, padding=_PAD, use_bias=use_bias,
                   kernel_init=_conv_init, bias_init=nnx.initializers.zeros_init(), dtype=dtype,
-                  param_dtype=jnp.float32, rngs=rngs)
+                  param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 class ConvOnly(nnx.Module):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ldae_jax.models.conv import conv_general_dilated
 from ldae_jax.models.init import torch_bias_init, torch_kernel_init, zeros_init
 
 Array = jax.Array
@@ -86,7 +87,8 @@ def conv3d(cin: int, cout: int, kernel: int, *, dtype, rngs: nnx.Rngs, zero: boo
   pad = kernel // 2
   return nnx.Conv(cin, cout, (kernel,) * 3, padding=((pad, pad),) * 3, dtype=dtype, param_dtype=F32,
                   kernel_init=zeros_init if zero else torch_kernel_init,
-                  bias_init=zeros_init if zero else torch_bias_init(fan_in), rngs=rngs)
+                  bias_init=zeros_init if zero else torch_bias_init(fan_in),
+                  conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 def dense(cin: int, cout: int, *, dtype, rngs: nnx.Rngs, zero: bool = False) -> nnx.Linear:

@@ -1,0 +1,61 @@
+"""3D convolution that is fast on every backend: the `conv_general_dilated` every 3D `nnx.Conv` here uses.
+
+On GPU/TPU a 3D convolution goes to the vendor library unchanged. XLA's CPU backend, though, runs 3D
+convolutions through a generic loop nest that reaches only 5-20 GFLOP/s at the narrow widths of small models on
+2 cores, while its 2D convolutions are several times faster. On CPU a kD x kH x kW convolution is therefore
+computed as the sum over the kD depth taps of 2D convolutions of depth-strided slices (the depth axis folded into
+the batch) - the same sum of products, reordered, so results agree to float32 rounding. Measured on the 2-core
+development box (batch 4, 32x40x32 voxels, 3x3x3 kernel), forward / forward+backward GFLOP/s:
+8->8 channels 9.7 / 5.6 as one 3D conv vs 35.9 / 25.3 as 2D taps; 16->16 19.6 / 15.1 vs 74.9 / 46.1;
+64->64 58.4 / 48.3 vs 67.7 / 46.8 (parity at wide layers, where the 3D path is used anyway on accelerators).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from jax import lax
+
+_NDHWC = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def _explicit_padding(padding: Any, in_spatial: Sequence[int], kernel: Sequence[int],
+                      strides: Sequence[int]) -> list[tuple[int, int]]:
+  if isinstance(padding, str):
+    return list(lax.padtype_to_pads(in_spatial, kernel, strides, padding))
+  return [tuple(p) for p in padding]
+
+
+def _use_depth_taps(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers) -> bool:
+  if jax.default_backend() != "cpu" or lhs.ndim != 5 or rhs.shape[0] == 1:
+    return False
+  if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
+    return False
+  want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NDHWC)
+  got = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or _NDHWC)
+  return got == want
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1, precision=None, **kwargs):
+  """Drop-in for `jax.lax.conv_general_dilated` (as `nnx.Conv(conv_general_dilated=...)` calls it)."""
+  if not _use_depth_taps(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                    feature_group_count=feature_group_count, precision=precision, **kwargs)
+  b, d, h, w, c = lhs.shape
+  kd = rhs.shape[0]
+  sd, sh, sw = window_strides
+  pads = _explicit_padding(padding, (d, h, w), rhs.shape[:3], window_strides)
+  x = lax.pad(lhs, lax.convert_element_type(0, lhs.dtype),
+              ((0, 0, 0), (pads[0][0], pads[0][1], 0), (0, 0, 0), (0, 0, 0), (0, 0, 0)))
+  d_out = (d + pads[0][0] + pads[0][1] - kd) // sd + 1
+  out = None
+  for i in range(kd):
+    xi = lax.slice_in_dim(x, i, i + sd * (d_out - 1) + 1, stride=sd, axis=1)
+    yi = lax.conv_general_dilated(xi.reshape(b * d_out, h, w, c), rhs[i], (sh, sw), pads[1:],
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=feature_group_count, precision=precision, **kwargs)
+    out = yi if out is None else out + yi
+  return out.reshape((b, d_out) + out.shape[1:])
