@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ldae_jax import config as cfglib  # noqa: E402
-from ldae_jax.convert.__main__ import load_config  # noqa: E402
+from ldae_jax.config import load_config  # noqa: E402
 from ldae_jax.diffusion import ddim  # noqa: E402
 from ldae_jax.diffusion.schedule import ddim_schedule, make_schedule  # noqa: E402
 from ldae_jax.evaluation.throughput import device_peak_tflops, peak_memory_bytes  # noqa: E402

@@ -8,6 +8,9 @@ instead of being ignored. Tuples (not lists) so that ml_collections accepts comm
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 STAGES = ("autoencoder", "latents", "ldm", "representation", "all")
@@ -176,3 +179,22 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]
   f = 2 ** (len(config.autoencoder.channels) - 1)
   x, y, z = (s // f for s in config.data.image_shape)
   return (x, y, z, config.autoencoder.latent_channels)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/paper.py' or 'configs/paper.py:bf16' -> the file's `get_config(variant)`, validated.
+
+  For scripts and tests outside absl; `train.py`/`evaluate.py` use `config_flags.DEFINE_config_file`, which
+  reads the same files and adds `--config.a.b=value` overrides.
+  """
+  path, _, variant = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Config file {path!r} does not exist (give a path such as configs/paper.py).")
+  mod_spec = importlib.util.spec_from_file_location(f"_ldae_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"Config file {path} defines no get_config(variant='').")
+  config = module.get_config(variant) if variant else module.get_config()
+  validate(config)
+  return config

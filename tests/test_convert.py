@@ -13,7 +13,8 @@ from flax import nnx
 from ldae_jax.convert import common
 from ldae_jax.convert import shift_unet as convert_shift
 from ldae_jax.convert import unet as convert_unet
-from ldae_jax.convert.__main__ import build_abstract, load_config, load_converted, main
+from ldae_jax.config import load_config
+from ldae_jax.convert.__main__ import build_abstract, load_converted, main
 from ldae_jax.models.layers import materialize_rng_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from ldae_jax.convert.__main__ import load_config
+from ldae_jax.config import load_config
 from ldae_jax.models import __main__ as summary_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import inspect
 import os
 import sys
@@ -30,6 +29,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ldae_jax.config import load_config
 from ldae_jax.convert import common
 
 # network name -> (converter module under ldae_jax.convert, builder in ldae_jax.models)
@@ -41,22 +41,6 @@ NETWORKS = {
     "encoder": ("semantic_encoder", "build_encoder"),
 }
 SAVED = nnx.Any(nnx.Param, nnx.BatchStat)
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """'configs/paper.py' or 'configs/paper.py:bf16' -> the file's `get_config(variant)`, validated."""
-  path, _, variant = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Config file {path!r} does not exist (give a path such as configs/paper.py).")
-  mod_spec = importlib.util.spec_from_file_location(f"_ldae_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"Config file {path} defines no get_config(variant='').")
-  config = module.get_config(variant) if variant else module.get_config()
-  from ldae_jax.config import validate  # pylint: disable=import-outside-toplevel
-  validate(config)
-  return config
 
 
 def converter(network: str):

@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m ldae_jax.models", description=__doc__.split("\n\n")[0])
   p.add_argument("--config", required=True, help="configs/X.py[:variant]")
   args = p.parse_args(argv)
-  from ldae_jax.convert.__main__ import load_config  # pylint: disable=import-outside-toplevel
+  from ldae_jax.config import load_config  # pylint: disable=import-outside-toplevel
   config = load_config(args.config)
   table = summary(config)
   print(format_summary(config.name, table))
