@@ -26,10 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-import optax
 
 from ldae_jax import config as cfglib
-from ldae_jax.diffusion import ddim as ddim_lib, losses, schedule as schedule_lib
+from ldae_jax.diffusion import ddim as ddim_lib, schedule as schedule_lib
 from ldae_jax.parallel import mesh as pmesh
 
 # Dense bf16 peak per chip (spec sheets). H200 has the H100's compute die; only memory differs.
@@ -111,25 +110,14 @@ def _split(model: nnx.Module):
   return graphdef, state
 
 
-def _has_shift_unet() -> bool:
-  try:
-    import ldae_jax.models.shift_unet  # noqa: F401
-    return True
-  except ImportError:
-    return False
-
-
 def _diffusion_net(config: ml_collections.ConfigDict, emb_dim: int, rngs: nnx.Rngs):
-  """ShiftUNet (semantic-conditioned, as LDAE/DAE sample) when present, else the plain UNet. Returns
-  (graphdef, state, call(net, x, t, y) -> eps or (eps, G), shifted, kind)."""
+  """The semantic-conditioned ShiftUNet both autoencoders sample with. Returns (graphdef, state,
+  call(net, x, t, y) -> (eps, G), shifted, kind)."""
   from ldae_jax import models
-  if _has_shift_unet():
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.encoder.emb_dim = emb_dim
-    net = models.build_shift_unet(c, rngs)
-    return (*_split(net), lambda n, x, t, y: n(x, t, y), True, "ShiftUNet")
-  net = models.build_unet(config, rngs)
-  return (*_split(net), lambda n, x, t, y: n(x, t), False, "UNet")
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.encoder.emb_dim = emb_dim
+  net = models.build_shift_unet(c, rngs)
+  return (*_split(net), lambda n, x, t, y: n(x, t, y), True, "ShiftUNet")
 
 
 def ddim_workloads(config: ml_collections.ConfigDict, *, label: str, spatial: Sequence[int], channels: int,
@@ -179,36 +167,20 @@ def autoencoder_workloads(config: ml_collections.ConfigDict, *, batch: int, seed
 
 
 def ldm_train_workload(config: ml_collections.ConfigDict, *, batch: int, seed: int = 0) -> Workload:
-  """One stage-2 optimizer step (UNet eps loss, Adam, clip) on `batch` scaled latents."""
+  """One stage-2 optimizer step of the training code itself (`ldm_stage.make_step`) on `batch` latents."""
   from ldae_jax import models
-  net = models.build_unet(config, nnx.Rngs(seed, dropout=seed + 1))
-  graphdef, params, rest = nnx.split(net, nnx.Param, ...)
-  c = config.train.ldm
-  tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), optax.adam(c.lr, b1=c.b1, b2=c.b2, eps=c.eps))
-  opt = tx.init(params)
-  sched = schedule_lib.make_schedule(config.diffusion)
-  z0 = jax.random.normal(jax.random.key(seed), (batch, *cfglib.latent_shape(config)), jnp.float32)
-
-  def step(params, opt, rest, z0, key):
-    k1, k2, k3 = jax.random.split(key, 3)
-    t = jax.random.randint(k1, (batch,), 0, sched.num_timesteps)
-    noise = jax.random.normal(k2, z0.shape, jnp.float32)
-
-    def loss_fn(p):
-      m = nnx.merge(graphdef, p, rest)
-      eps = m(losses.q_sample(sched, z0, t, noise), t, deterministic=False, rngs=nnx.Rngs(dropout=k3))
-      return losses.eps_loss(eps, noise)
-
-    loss, g = jax.value_and_grad(loss_fn)(params)
-    upd, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, upd), opt, loss
-
-  key = jax.random.key(seed + 2)
+  from ldae_jax.training import ldm_stage, state as st
+  cfg = config.train.ldm.copy_and_resolve_references()
+  cfg.grad_accum = 1
+  graphdef, params, rng_state, rest = st.split_model(models.build_unet(config, nnx.Rngs(seed, dropout=seed + 1)))
+  tx = st.make_optimizer(cfg)
+  state = st.create_state(params, rest, tx, seed=seed + 2, with_ema=cfg.ema_decay > 0)
+  step = ldm_stage.make_step(graphdef, rng_state, tx, schedule_lib.make_schedule(config.diffusion), 1.0, cfg)
+  batch_ = {"mu": jax.random.normal(jax.random.key(seed), (batch, *cfglib.latent_shape(config)), jnp.float32)}
   # Model FLOPs of a training step ~ 3x the forward (forward + backward wrt activations and weights).
-  fwd = forward_flops(lambda p, z, t: nnx.merge(graphdef, p, rest)(z, t), params, z0,
+  fwd = forward_flops(lambda p, z, t: st.merge_model(graphdef, p, rng_state, rest)(z, t), params, batch_["mu"],
                       jnp.zeros((batch,), jnp.int32))
-  return Workload("ldm_train_step", step, (params, opt, rest, z0, key), batch,
-                  None if fwd is None else 3 * fwd,
+  return Workload("ldm_train_step", step, (state, batch_), batch, None if fwd is None else 3 * fwd,
                   {"network": "UNet", "input_shape": [batch, *cfglib.latent_shape(config)],
                    "flops_note": "3 x XLA forward FLOPs"})
 
