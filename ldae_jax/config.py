@@ -38,6 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.subjects = 200
   c.data.synthetic.seed = 0
+  # Multiplies the synthetic age/disease atrophy: 1 = real-cohort volumes (visible at 1.5 mm); coarse grids
+  # such as the quickstart's 6 mm voxels need it larger for the effects to span whole voxels.
+  c.data.synthetic.atrophy_scale = 1.0
 
   # ---------------------------------------------------------------- networks
   c.autoencoder = ml_collections.ConfigDict()

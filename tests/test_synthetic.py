@@ -113,3 +113,16 @@ def test_hippocampus_and_grey_matter_shrink_with_disease(anatomy):
   region[anatomy.index[anatomy.hippocampus_sdf < 0]] = True
   region = region.reshape(anatomy.shape)
   assert vol_ad[region].mean() < vol_cn[region].mean() - 0.03
+
+
+def test_atrophy_scale_multiplies_every_radius_and_the_image_effect(anatomy):
+  base = np.array(synthetic.atrophy_radii(75, "AD", 1.0, 1.1))
+  np.testing.assert_allclose(synthetic.atrophy_radii(75, "AD", 1.0, 1.1, scale=3.0), 3.0 * base, rtol=1e-12)
+
+  def ad_minus_cn(scale):
+    kw = dict(years=0.0, atrophy_scale=scale)
+    ad = synthetic.render_scan(anatomy, age=75, diagnosis="AD", rng=np.random.default_rng(1), **kw)[1]
+    cn = synthetic.render_scan(anatomy, age=75, diagnosis="CN", rng=np.random.default_rng(1), **kw)[1]
+    return ad["ventricle_ml"] - cn["ventricle_ml"]
+
+  assert ad_minus_cn(3.0) > 2.0 * ad_minus_cn(1.0) > 0

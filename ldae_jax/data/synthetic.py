@@ -60,18 +60,20 @@ _SDF_FAR_MM = 25.0  # signed distances are only computed this far from a structu
 
 
 def atrophy_radii(age: float, diagnosis: str, years: float,
-                  susceptibility: float = 1.0) -> tuple[float, float, float]:
+                  susceptibility: float = 1.0, scale: float = 1.0) -> tuple[float, float, float]:
   """(ventricle dilation, hippocampal erosion, cortical thinning) in mm for one scan.
 
   Ageing enters through decades past 50 (`a`, convex for the ventricles as in real cohorts); disease through
   a severity `s` = baseline + rate * years since baseline, so AD both starts worse and progresses faster.
-  `susceptibility` is the subject's random effect (log-normal around 1).
+  `susceptibility` is the subject's random effect (log-normal around 1). `scale` multiplies every radius:
+  1 gives volumes in the range of real cohorts (visible at 1.5 mm); coarse grids need it larger (at the
+  quickstart's 6 mm voxels a 1-2 mm dilation is a fraction of a voxel and drowns in the other variation).
   """
   if diagnosis not in SEVERITY_BASELINE:
     raise ValueError(f"diagnosis {diagnosis!r}: one of {DIAGNOSES}.")
   a = max(float(age) - 50.0, 0.0) / 10.0
   s = SEVERITY_BASELINE[diagnosis] + SEVERITY_RATE[diagnosis] * max(float(years), 0.0)
-  k = float(susceptibility)
+  k = float(susceptibility) * float(scale)
   r_v = k * (0.5 * a + 0.12 * a * a + 1.1 * s)
   r_h = k * (0.12 * a + 0.45 * s)
   r_c = k * (0.08 * a + 0.15 * s)
@@ -329,13 +331,13 @@ def build_anatomy(shape: Sequence[int], spacing_mm: float, rng: np.random.Genera
 
 
 def render_scan(anatomy: Anatomy, *, age: float, diagnosis: str, years: float,
-                rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
+                rng: np.random.Generator, atrophy_scale: float = 1.0) -> tuple[np.ndarray, dict[str, float]]:
   """One session: atrophy for (age, diagnosis, years), T1 contrast, bias and noise.
 
   Returns the float32 `(X, Y, Z)` volume scaled to [0, 1] and the ground-truth measures (mL, radii, noise).
   """
   an = anatomy
-  r_v, r_h, r_c = atrophy_radii(age, diagnosis, years, an.susceptibility)
+  r_v, r_h, r_c = atrophy_radii(age, diagnosis, years, an.susceptibility, atrophy_scale)
   w = np.float32(max(0.5, 0.35 * an.spacing_mm))  # edge softness (mm) ~ partial volume at this spacing
   f_c = special.expit((np.float32(r_c) - an.depth) / w) - special.expit(-an.depth / w)
   h0 = special.expit(-an.hippocampus_sdf / w)
@@ -395,12 +397,13 @@ def _write_csv(path: pathlib.Path, header: Sequence[str], rows: list[Sequence]) 
 def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
                     shape: Sequence[int] = nifti.DEFAULT_SHAPE, spacing_mm: float = nifti.DEFAULT_SPACING_MM,
                     sessions: tuple[int, int] = (2, 5), interval_months: int = 6,
-                    progress: bool = True) -> pathlib.Path:
+                    atrophy_scale: float = 1.0, progress: bool = True) -> pathlib.Path:
   """Writes the cohort under `out_dir`; returns `out_dir/manifest.csv`.
 
   `sessions=(lo, hi)`: each subject gets lo..hi sessions (inclusive), `interval_months` apart, from a
   baseline age in 55..90 minus the follow-up. Also writes `ground_truth.csv` (one row per scan) and
   `cohort.json` (the arguments, so a caller can tell whether an existing cohort matches its config).
+  `atrophy_scale` multiplies the age and disease atrophy radii (see `atrophy_radii`).
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -430,7 +433,8 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
       years = months / 12.0
       age = round(age0 + years, 2)
       scan_rng = np.random.default_rng(np.random.SeedSequence([seed, i, j + 1]))
-      volume, measures = render_scan(anatomy, age=age, diagnosis=diagnosis, years=years, rng=scan_rng)
+      volume, measures = render_scan(anatomy, age=age, diagnosis=diagnosis, years=years, rng=scan_rng,
+                                     atrophy_scale=atrophy_scale)
       ses = f"ses-M{months:03d}"
       rel = f"{subject}/{ses}/anat/{subject}_{ses}_T1w.nii.gz"
       nifti.save_volume(out / rel, volume, spacing_mm=spacing_mm, dtype="int16")
@@ -447,7 +451,8 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
   _write_csv(out / "ground_truth.csv", header,
              [[f"{r[h]:.6g}" if isinstance(r[h], float) else r[h] for h in header] for r in truth])
   meta = dict(subjects=subjects, seed=seed, shape=list(shape), spacing_mm=float(spacing_mm),
-              sessions=[lo, hi], interval_months=interval_months, scans=len(records))
+              sessions=[lo, hi], interval_months=interval_months, atrophy_scale=float(atrophy_scale),
+              scans=len(records))
   (out / "cohort.json").write_text(json.dumps(meta, indent=1) + "\n")
   return manifest_path
 
@@ -471,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--spacing", type=float, default=1.5, help="isotropic voxel size in mm (default 1.5)")
   p.add_argument("--sessions", default="2,5", help="min,max sessions per subject (default 2,5)")
   p.add_argument("--interval", type=int, default=6, help="months between sessions (default 6)")
+  p.add_argument("--atrophy-scale", type=float, default=1.0,
+                 help="multiplies the age/disease atrophy (default 1: real-cohort volumes; >1 for coarse grids)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
   try:
@@ -481,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   t0 = time.time()
   path = generate_cohort(args.out, subjects=args.subjects, seed=args.seed, shape=shape,
                          spacing_mm=args.spacing, sessions=sessions, interval_months=args.interval,
-                         progress=not args.quiet)
+                         atrophy_scale=args.atrophy_scale, progress=not args.quiet)
   with open(path) as f:
     n_scans = sum(1 for _ in f) - 1
   print(f"synthetic cohort: {args.subjects} subjects, {n_scans} scans, {shape} at {args.spacing} mm, "
