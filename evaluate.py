@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ldae_jax import config as cfglib
@@ -27,6 +27,8 @@ _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "throughput: device peak TFLOP/s 
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # library INFO lines (orbax, XLA) would bury the progress bars
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required (e.g. --config configs/quickstart.py).")

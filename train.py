@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
@@ -19,6 +20,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # library INFO lines (orbax, XLA) would bury the progress bars
+    logging.set_verbosity(logging.WARNING)
   from ldae_jax.config import validate  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   validate(config)
