@@ -18,6 +18,9 @@ import jax
 from jax import lax
 
 _NDHWC = ("NDHWC", "DHWIO", "NDHWC")
+# Below this many input voxels (batch included) a convolution is too small for its speed to matter, and the
+# plain 3D convolution compiles faster (kD 2D convolutions are kD times the HLO): tiny test networks stay plain.
+MIN_TAP_VOXELS = 4096
 
 
 def _explicit_padding(padding: Any, in_spatial: Sequence[int], kernel: Sequence[int],
@@ -31,6 +34,8 @@ def _use_depth_taps(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimens
   if jax.default_backend() != "cpu" or lhs.ndim != 5 or rhs.shape[0] == 1:
     return False
   if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
+    return False
+  if lhs.shape[0] * lhs.shape[1] * lhs.shape[2] * lhs.shape[3] < MIN_TAP_VOXELS:
     return False
   want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NDHWC)
   got = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or _NDHWC)
