@@ -48,12 +48,9 @@ def load_ldae(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
   """EMA AE, ShiftUNet (with its frozen stage-2 UNet) and encoder from `workdir` checkpoints."""
   from ldae_jax.models import build_encoder, build_shift_unet
   from ldae_jax.training import autoencoder_stage, ldm_stage, representation_stage as rs, state as st
-  from ldae_jax.training.checkpoint import Checkpointer
+  from ldae_jax.training.checkpoint import restore_newest
   ae, ae_step = autoencoder_stage.trained_autoencoder(config, workdir)
   ckdir = pathlib.Path(workdir) / "representation" / "checkpoints"
-  if not ckdir.is_dir() or not any(p.name.isdigit() for p in ckdir.iterdir()):
-    raise FileNotFoundError(f"representation weights not found: {ckdir} has no checkpoint; run the "
-                            f"representation stage first (--config.stage=representation --workdir {workdir}).")
   shift = build_shift_unet(config, nnx.Rngs(0))
   enc = build_encoder(config, nnx.Rngs(0))
   s_def, sp, s_rngs, s_rest = st.split_model(shift, rs.SHIFT_TRAINABLE)
@@ -61,12 +58,10 @@ def load_ldae(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
   target = st.create_state({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest},
                            st.make_optimizer(config.train.representation), seed=0,
                            with_ema=config.train.representation.ema_decay > 0)
-  ckpt = Checkpointer(ckdir, keep=1000)
-  try:
-    restored, _ = ckpt.restore(target)
-    step = int(ckpt.latest_step())
-  finally:
-    ckpt.close()
+  restored, step = restore_newest(
+      ckdir, target, what="representation weights",
+      missing_fix=f"run the representation stage first (--config.stage=representation --workdir {workdir})",
+      mismatch_fix="use the config (config.unet / config.encoder) it was trained with")
   w = restored.ema if restored.ema is not None else restored.params
   shift = st.merge_model(s_def, w["shift"], s_rngs, restored.rest["shift"])
   enc = st.merge_model(e_def, w["encoder"], e_rngs, restored.rest["encoder"])

@@ -145,26 +145,17 @@ def trained_autoencoder(config: ml_collections.ConfigDict, workdir: str | os.Pat
   Raises FileNotFoundError naming the path and the fix when stage 1 has not been run in `workdir`.
   """
   import pathlib  # pylint: disable=g-import-not-at-top
-  from ldae_jax.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from ldae_jax.training.checkpoint import restore_newest  # pylint: disable=g-import-not-at-top
   ckdir = pathlib.Path(workdir) / NAME / "checkpoints"
-  if not ckdir.is_dir() or not any(p.name.isdigit() for p in ckdir.iterdir()):
-    raise FileNotFoundError(f"autoencoder weights not found: {ckdir} has no checkpoint; run the autoencoder "
-                            f"stage first (--config.stage=autoencoder --workdir {workdir}).")
   cfg = config.train.autoencoder
   ae, disc = build_networks(config)
   g_def, gp, g_rngs, g_rest = st.split_model(ae)
   _, dp, _, d_rest = st.split_model(disc)
   tx = {"g": st.make_optimizer(cfg), "d": st.make_optimizer(cfg, lr=cfg.lr_disc)}
   target = st.create_state({"g": gp, "d": dp}, {"g": g_rest, "d": d_rest}, tx, seed=0, with_ema=cfg.ema_decay > 0)
-  ckpt = Checkpointer(ckdir, keep=1000)
-  try:
-    try:
-      restored, _ = ckpt.restore(target)
-    except ValueError as e:
-      raise ValueError(f"autoencoder checkpoint {ckdir} does not match config.autoencoder / discriminator of "
-                       f"this run ({e}); use the config it was trained with.") from e
-    step = int(ckpt.latest_step())
-  finally:
-    ckpt.close()
+  restored, step = restore_newest(
+      ckdir, target, what="autoencoder weights",
+      missing_fix=f"run the autoencoder stage first (--config.stage=autoencoder --workdir {workdir})",
+      mismatch_fix="use the config (config.autoencoder / config.discriminator) it was trained with")
   weights = restored.ema if restored.ema is not None else restored.params
   return st.merge_model(g_def, weights["g"], g_rngs, restored.rest["g"]), step

@@ -98,6 +98,28 @@ class Checkpointer:
     self.manager.close()
 
 
+def restore_newest(directory: str | os.PathLike, target: PyTree, *, what: str, missing_fix: str,
+                   mismatch_fix: str) -> tuple[PyTree, int]:
+  """The newest checkpoint's `state` restored onto `target`, and its step: how a later stage or the
+  evaluation picks up an earlier stage's weights.
+
+  Raises FileNotFoundError ("<what> not found: <dir> has no checkpoint; <missing_fix>.") when there is none,
+  and ValueError naming `what` and `mismatch_fix` when it was written for other network sizes.
+  """
+  directory = pathlib.Path(directory)
+  if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+    raise FileNotFoundError(f"{what} not found: {directory} has no checkpoint; {missing_fix}.")
+  ckpt = Checkpointer(directory, keep=1000)
+  try:
+    try:
+      restored, _ = ckpt.restore(target)
+    except ValueError as e:
+      raise ValueError(f"{what} in {directory} does not match this run's config ({e}); {mismatch_fix}.") from e
+    return restored, int(ckpt.latest_step())
+  finally:
+    ckpt.close()
+
+
 def restore_tree(directory: str | os.PathLike, target: PyTree, step: int | None = None) -> PyTree:
   """Reads the `state` item of a stage checkpoint directory onto `target` (used across stages)."""
   ckpt = Checkpointer(directory, keep=1000)

@@ -120,12 +120,8 @@ def ema_unet_params(config: ml_collections.ConfigDict, workdir: str | os.PathLik
   was written for different UNet sizes. (Stage 3 must never train on a random UNet, §6 bug 1.)
   """
   from ldae_jax.models import build_unet  # pylint: disable=g-import-not-at-top
-  from ldae_jax.training.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from ldae_jax.training.checkpoint import restore_newest  # pylint: disable=g-import-not-at-top
   ckdir = pathlib.Path(workdir) / NAME / "checkpoints"
-  fix = (f"train stage 2 first (python train.py --config ... --workdir {workdir} --config.stage=ldm) or point "
-         "--workdir at a run that has it")
-  if not ckdir.is_dir() or not any(p.name.isdigit() for p in ckdir.iterdir()):
-    raise FileNotFoundError(f"stage-2 UNet weights not found: {ckdir} has no checkpoint; {fix}.")
   cfg = config.train.ldm
   abstract_unet = nnx.eval_shape(lambda: build_unet(config, nnx.Rngs(0)))
   _, params, _, rest = st.split_model(abstract_unet)
@@ -139,15 +135,10 @@ def ema_unet_params(config: ml_collections.ConfigDict, workdir: str | os.PathLik
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                        sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
                         target)
-  ckpt = Checkpointer(ckdir, keep=1000)
-  try:
-    try:
-      restored, _ = ckpt.restore(target)
-    except ValueError as e:
-      raise ValueError(f"stage-2 checkpoint {ckdir} does not match config.unet / config.autoencoder of this run "
-                       f"({e}); use the config stage 2 was trained with, or retrain stage 2.") from e
-    step = int(ckpt.latest_step())
-  finally:
-    ckpt.close()
+  restored, step = restore_newest(
+      ckdir, target, what="stage-2 UNet weights",
+      missing_fix=(f"train stage 2 first (python train.py --config ... --workdir {workdir} --config.stage=ldm) or "
+                   "point --workdir at a run that has it"),
+      mismatch_fix="use the config (config.unet / config.autoencoder) stage 2 was trained with, or retrain stage 2")
   weights = restored.ema if restored.ema is not None else restored.params
   return weights, step
