@@ -48,3 +48,22 @@ def load_fixture(refdir):
     return cache[name]
 
   return load
+
+
+@pytest.fixture(scope="session")
+def paper_listing(refdir):
+  """paper_listing('unet_paper.txt') -> {torch key: zeros of its shape} for every entry of a reference
+  state-dict listing (parameters, buffers and duplicate registrations), as read-only broadcast views so a
+  paper-size network costs no memory."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  def load(name: str) -> dict[str, np.ndarray]:
+    sd = {}
+    for line in (refdir / "state_dicts" / name).read_text().splitlines():
+      if line.startswith("#") or line.startswith("total_unique_parameters"):
+        continue
+      key, shape, dtype, _ = line.split("\t")
+      sd[key] = np.broadcast_to(np.zeros((), dtype), tuple(json.loads(shape)))
+    return sd
+
+  return load

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -22,17 +21,6 @@ TINY = dict(channels=(8, 16, 16), latent_channels=3, num_res_blocks=1, norm_grou
 
 def ncdhw(a):
   return np.asarray(a, np.float32).transpose(0, 4, 1, 2, 3)
-
-
-def listing_state_dict(path):
-  """Fake state dict (zeros via np.broadcast_to, no memory) with the shapes of a reference listing."""
-  sd = {}
-  for line in path.read_text().splitlines():
-    if line.startswith("#") or line.startswith("total_unique_parameters"):
-      continue
-    name, shape, dtype, _ = line.split("\t")
-    sd[name] = np.broadcast_to(np.zeros((), dtype), tuple(json.loads(shape)))
-  return sd
 
 
 def filled(ctor, seed=0):
@@ -107,8 +95,8 @@ def test_bf16_close_to_fp32(tiny):
   assert np.abs(np.asarray(rec) - ref_rec).max() < 0.05 * np.abs(ref_rec).max()
 
 
-def test_paper_listing_maps_completely(refdir):
-  sd = listing_state_dict(refdir / "state_dicts" / "autoencoder_kl_paper.txt")
+def test_paper_listing_maps_completely(paper_listing):
+  sd = paper_listing("autoencoder_kl_paper.txt")
   model = nnx.eval_shape(lambda: build_autoencoder(paper.get_config(), nnx.Rngs(0)))
   flat, report = conv_ae.map_state_dict({"model." + k: v for k, v in sd.items()}, model)  # Lightning prefix
   assert report.consumed == len(sd) == len(flat)

@@ -9,7 +9,6 @@ import pathlib
 import subprocess
 import sys
 
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

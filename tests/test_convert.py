@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax.numpy as jnp
@@ -29,20 +28,10 @@ def get_config(variant=""):
 '''
 
 
-def read_listing(path):
-  """{torch key: zeros of its shape} from a state-dict listing, without allocating (broadcast views)."""
-  sd = {}
-  for line in path.read_text().splitlines()[1:]:
-    parts = line.split("\t")  # name, shape, dtype, kind; the last line is the total
-    if len(parts) == 4 and parts[3].startswith("param"):
-      sd[parts[0]] = np.broadcast_to(np.zeros((), np.float32), tuple(json.loads(parts[1])))
-  return sd
-
-
 @pytest.mark.parametrize("network,listing,conv", [("unet", "unet_paper.txt", convert_unet),
                                                   ("shift_unet", "shift_unet_paper.txt", convert_shift)])
-def test_paper_listing_maps_completely(refdir, network, listing, conv):
-  sd = read_listing(refdir / "state_dicts" / listing)
+def test_paper_listing_maps_completely(paper_listing, network, listing, conv):
+  sd = paper_listing(listing)
   model = build_abstract(network, load_config(str(REPO / "configs" / "paper.py")))
   shapes = common.flat_param_shapes(model)
   flat, report = common.convert_state_dict(sd, shapes, conv.key_map, source=listing)

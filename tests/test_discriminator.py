@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -15,16 +14,6 @@ from ldae_jax.convert import discriminator as conv_d
 from ldae_jax.models.discriminator import PatchDiscriminator, build_discriminator
 
 TOL = dict(rtol=1e-4, atol=5e-5)
-
-
-def listing_state_dict(path):
-  sd = {}
-  for line in path.read_text().splitlines():
-    if line.startswith("#") or line.startswith("total_unique_parameters"):
-      continue
-    name, shape, dtype, _ = line.split("\t")
-    sd[name] = np.broadcast_to(np.zeros((), dtype), tuple(json.loads(shape)))
-  return sd
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +66,8 @@ def test_initialisation_follows_monai():
   assert model.layers[0].conv.bias is None  # bias=False in the middle layers
 
 
-def test_paper_listing_maps_completely(refdir):
-  sd = listing_state_dict(refdir / "state_dicts" / "patch_discriminator_paper.txt")
+def test_paper_listing_maps_completely(paper_listing):
+  sd = paper_listing("patch_discriminator_paper.txt")
   model = nnx.eval_shape(lambda: build_discriminator(paper.get_config(), nnx.Rngs(0)))
   flat, report = conv_d.map_state_dict({"discriminator." + k: v for k, v in sd.items()}, model)
   assert report.consumed == len(flat) == len(sd) - 3 and len(report.ignored) == 3

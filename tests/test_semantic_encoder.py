@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +18,6 @@ from ldae_jax.models.semantic_encoder import SemanticEncoder, build_encoder, pos
 TOL = dict(rtol=1e-4, atol=5e-5)
 TINY = dict(dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), stochastic_depth=0.1, emb_dim=128, num_heads=8,
             seq_len=16)
-
-
-def listing_state_dict(path):
-  sd = {}
-  for line in path.read_text().splitlines():
-    if line.startswith("#") or line.startswith("total_unique_parameters"):
-      continue
-    name, shape, dtype, _ = line.split("\t")
-    sd[name] = np.broadcast_to(np.zeros((), dtype), tuple(json.loads(shape)))
-  return sd
 
 
 def params_of(z):
@@ -112,8 +101,8 @@ def test_stochastic_depth_row_mode():
   np.testing.assert_allclose(np.diff(probs), 0.4 / 35)
 
 
-def test_paper_listing_maps_completely(refdir):
-  sd = listing_state_dict(refdir / "state_dicts" / "attention_semantic_encoder_paper.txt")
+def test_paper_listing_maps_completely(paper_listing):
+  sd = paper_listing("attention_semantic_encoder_paper.txt")
   sd["positional_encoding.pe"] = positional_table(128, 768)[None]
   model = nnx.eval_shape(lambda: build_encoder(paper.get_config(), nnx.Rngs(0)))
   # A Lightning stage-3 checkpoint holds `encoder.` and `ema_encoder.`; the EMA copy is chosen.

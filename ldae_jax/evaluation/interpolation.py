@@ -14,7 +14,6 @@ from collections import defaultdict
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
