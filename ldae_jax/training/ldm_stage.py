@@ -69,19 +69,7 @@ def make_step(graphdef, rng_state, tx: optax.GradientTransformation, sched, scal
     eps = model(losses.q_sample(sched, z0, t, noise), t, deterministic=False, rngs=nnx.Rngs(dropout=k_d))
     return losses.eps_loss(eps, noise)
 
-  def grad_fn(params, rest, batch, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch, key)
-    return grads, rest, {"loss": loss}
-
-  def step(state: st.TrainState, batch):
-    grads, rest, metrics = st.accumulate_grads(grad_fn, state.params, state.rest, batch, st.step_key(state), accum)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = None if state.ema is None else st.ema_step(state.ema, state.params, params, decay)
-    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rest=rest), metrics
-
-  return step
+  return st.make_train_step(loss_fn, tx, accum=accum, ema_decay=decay)
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> common.StageSpec:

@@ -63,19 +63,7 @@ def make_step(s_def, s_rngs, e_def, e_rngs, tx: optax.GradientTransformation, sc
     eps, g = shift(losses.q_sample(sched, z0, t, noise), t, y, deterministic=False, rngs=nnx.Rngs(dropout=k_s))
     return losses.pdae_loss(eps, g, noise, t, sched)
 
-  def grad_fn(params, rest, batch, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch, key)
-    return grads, rest, {"loss": loss}
-
-  def step(state: st.TrainState, batch):
-    grads, rest, metrics = st.accumulate_grads(grad_fn, state.params, state.rest, batch, st.step_key(state), accum)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = None if state.ema is None else st.ema_step(state.ema, state.params, params, decay, updates=ema_updates)
-    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rest=rest), metrics
-
-  return step
+  return st.make_train_step(loss_fn, tx, accum=accum, ema_decay=decay, ema_updates=ema_updates)
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> common.StageSpec:

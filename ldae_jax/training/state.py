@@ -158,3 +158,26 @@ def accumulate_grads(grad_fn, params: PyTree, rest: PyTree, batch: PyTree, key: 
   (g, m, rest), _ = jax.lax.scan(body, (zeros(g0), zeros(m0), rest), (jnp.arange(accum), micro))
   inv = 1.0 / accum
   return jax.tree.map(lambda x: x * inv, g), rest, jax.tree.map(lambda x: x * inv, m)
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation, *, accum: int, ema_decay: float,
+                    ema_updates: int = 1):
+  """The optimizer step the diffusion stages share, as a pure `(state, batch) -> (state, metrics)`.
+
+  Mean gradient of `loss_fn(params, rest, micro_batch, key) -> scalar` over `accum` micro-batches
+  (`accumulate_grads`), one optax update (clipping lives in `tx`), the EMA (`ema_step`, `ema_updates` updates
+  per optimizer step), metrics {loss, grad_norm}.
+  """
+  def grad_fn(params, rest, batch, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch, key)
+    return grads, rest, {"loss": loss}
+
+  def step(state: TrainState, batch):
+    grads, rest, metrics = accumulate_grads(grad_fn, state.params, state.rest, batch, step_key(state), accum)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = None if state.ema is None else ema_step(state.ema, state.params, params, ema_decay, updates=ema_updates)
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rest=rest), metrics
+
+  return step
