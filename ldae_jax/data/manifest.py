@@ -25,10 +25,11 @@ import math
 import os
 import pathlib
 import re
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from ldae_jax.data import atomic
 
 REQUIRED_COLUMNS = ("subject", "path", "diagnosis", "age")
 OPTIONAL_COLUMNS = ("session", "latent_path")
@@ -191,17 +192,7 @@ def write_manifest(records: Iterable[ScanRecord], csv_path: str | os.PathLike) -
     age = "" if r.age is None or math.isnan(r.age) else f"{r.age:.2f}"
     w.writerow([r.subject, _relative(r.path, base), r.diagnosis, age, int(r.session_months),
                 _relative(r.latent_path, base)])
-  csv_path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=csv_path.parent)
-  try:
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-      f.write(buf.getvalue())
-    os.replace(tmp, csv_path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return csv_path
+  return atomic.write_bytes(csv_path, buf.getvalue().encode("utf-8"))
 
 
 def split_by_subject(records: Sequence[ScanRecord], *, val_fraction: float, test_fraction: float,

@@ -24,12 +24,13 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
-import tempfile
 from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from ldae_jax.data import atomic
 
 DEFAULT_SHAPE = (128, 160, 128)
 DEFAULT_SPACING_MM = 1.5
@@ -253,14 +254,4 @@ def save_volume(path: str | os.PathLike, volume: np.ndarray, *, spacing_mm: floa
   raw = img.to_bytes()
   if name.endswith(".gz"):
     raw = gzip.compress(raw, compresslevel=1, mtime=0)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(raw)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
+  return atomic.write_bytes(path, raw)

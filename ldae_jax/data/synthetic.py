@@ -31,18 +31,19 @@ import argparse
 import csv
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage, special
 
+from ldae_jax.data import atomic
 from ldae_jax.data import manifest as manifest_lib
 from ldae_jax.data import nifti
 
@@ -386,12 +387,11 @@ def _subject_plan(seed: int, i: int, sessions: tuple[int, int], interval_months:
 
 
 def _write_csv(path: pathlib.Path, header: Sequence[str], rows: list[Sequence]) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=path.parent)
-  with os.fdopen(fd, "w", newline="") as f:
-    w = csv.writer(f, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-  os.replace(tmp, path)
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(header)
+  w.writerows(rows)
+  atomic.write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import pathlib
 from typing import Any
 
@@ -17,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldae_jax.data import atomic
 from ldae_jax.evaluation import figures, probes, reconstruction as rec, throughput
 
 
@@ -33,10 +33,7 @@ def _jsonable(o: Any) -> Any:
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(_jsonable(obj), indent=1, allow_nan=True))
-  os.replace(tmp, path)
+  atomic.write_bytes(path, json.dumps(_jsonable(obj), indent=1, allow_nan=True).encode("utf-8"))
 
 
 def _save_nifti(path: pathlib.Path, vol: np.ndarray, config) -> None:
