@@ -1,4 +1,4 @@
-"""Whole LDAE pipeline on a small synthetic cohort, sized for a 2-core CPU (training ~11 min, evaluation ~5 min).
+"""Whole LDAE pipeline on a small synthetic cohort, sized for a 2-core CPU (training 11-13 min, evaluation ~5 min).
 
 96 synthetic subjects (~340 scans) resampled to 6 mm (32x40x32), with the age/disease atrophy exaggerated 3x so
 that it spans whole voxels; the autoencoder downsamples x4 (latent 8x10x8x3); the UNet and the ConvNeXt encoder
