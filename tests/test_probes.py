@@ -44,6 +44,11 @@ def test_recovers_known_factors(data):
   assert abs(np.linalg.norm(d) - 1) < 1e-12 and d[0] == d.max() > 0.5
   table = probes.format_table({"trained": res})
   assert table.count("\n| trained |") == 2 and "Positive class: AD" in table
+  lo, hi = c["test"]["roc_auc_ci95"]
+  assert lo <= c["test"]["roc_auc"] <= hi <= 1.0 and c["test"]["n_subjects"] == len(
+      np.unique(test["subject"][np.isin(test["diagnosis"], ["AD", "CN"])]))
+  lo, hi = a["test"]["mae_ci95"]
+  assert 0 < lo <= a["test"]["mae"] <= hi
 
 
 def test_standardisation_fitted_on_probe_train_only(data):
@@ -90,6 +95,46 @@ def test_classification_metrics_by_hand():
   assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
   assert m["specificity"] == pytest.approx(3 / 4) and m["accuracy"] == pytest.approx(5 / 7)
   assert m["roc_auc"] == pytest.approx(8 / 12)  # 8 of the 12 (AD, CN) pairs ranked correctly
+
+
+def test_subject_bootstrap_resamples_whole_subjects():
+  rng = np.random.default_rng(0)
+  n = 30
+  y = np.arange(n) % 2
+  p = y + rng.normal(scale=0.8, size=n)
+  subj = np.array([f"s{i:02d}" for i in range(n)])
+  one = probes.subject_bootstrap(probes._auc_or_nan, subj, y, p, n_boot=300, seed=3)
+  # Three identical scans per subject: resampling subjects draws the same subject sets, and ROC-AUC is
+  # invariant to replicating every row the same number of times, so the interval is unchanged. (Resampling
+  # scans instead would narrow it, as if the cohort were three times larger.)
+  rep = probes.subject_bootstrap(probes._auc_or_nan, np.repeat(subj, 3), np.repeat(y, 3), np.repeat(p, 3),
+                                 n_boot=300, seed=3)
+  np.testing.assert_allclose(rep, one, rtol=1e-12)
+  point = probes._auc_or_nan(y, p)
+  assert one[0] < point < one[1] and one[1] - one[0] > 0.1
+  # A perfect ranking stays perfect in every resample; a single-class resample is skipped, not counted.
+  assert probes.subject_bootstrap(probes._auc_or_nan, subj, y, y.astype(float), n_boot=50) == [1.0, 1.0]
+  assert np.isnan(probes.subject_bootstrap(probes._auc_or_nan, subj[:1], y[:1], p[:1], n_boot=5)).all()
+
+
+def test_factor_recovery_reads_encoded_factors_only(data):
+  train, test = data
+  # dim 1 of the codes carries age linearly (see _cohort); a factor the codes do not hold scores R^2 ~ <= 0.
+  rng = np.random.default_rng(5)
+  fac = lambda d: {"age": d["age"], "unrelated": rng.normal(size=len(d["age"]))}
+  res = probes.factor_recovery(train["codes"], fac(train), train["subject"], test["codes"], fac(test),
+                               test["subject"], n_folds=4)
+  assert res["age"]["r2"] > 0.9 and res["unrelated"]["r2"] < 0.1
+  assert res["age"]["n_test"] == len(test["age"])
+
+
+def test_relative_spread_is_scale_free_and_zero_for_a_constant_code():
+  rng = np.random.default_rng(0)
+  codes = 3.0 + rng.normal(scale=0.5, size=(200, 8))
+  s = probes.relative_spread(codes)
+  assert s == pytest.approx(0.5 / np.sqrt(9.25), rel=0.1)
+  assert probes.relative_spread(10.0 * codes) == pytest.approx(s, rel=1e-12)
+  assert probes.relative_spread(np.tile(codes[:1], (50, 1))) < 1e-12
 
 
 def test_bad_inputs_raise(data):

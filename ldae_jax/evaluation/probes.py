@@ -10,7 +10,9 @@ calls CN the positive class. Here:
 * the final probe is refitted on the whole train split and scored on the test split; both the cross-validated and
   the test figures are reported;
 * **AD is the positive class** (label 1): recall = AD sensitivity, ROC-AUC ranks AD above CN;
-* the train and test splits must not share a subject (checked; raises otherwise).
+* the train and test splits must not share a subject (checked; raises otherwise);
+* a small test split gives a noisy figure, so the test ROC-AUC and MAE come with a 95 % percentile interval from
+  resampling test *subjects* with replacement (`subject_bootstrap`; scans of one subject are not independent).
 scikit-learn's `LogisticRegression` / `Ridge` are the default probes (the reference's 1-layer torch nets trained
 with Adam/SGD reach the same optimum of a convex problem up to regularisation).
 """
@@ -93,6 +95,32 @@ def classification_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: floa
   return out
 
 
+def subject_bootstrap(stat, subjects: Sequence[Any], *arrays: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> list[float]:
+  """Percentile interval of `stat(*arrays)` over resamples of whole subjects (with replacement).
+
+  Resamples where `stat` is undefined (e.g. one class only, for ROC-AUC) are skipped; [nan, nan] if all are.
+  """
+  subjects = np.asarray([str(s) for s in subjects])
+  uniq, inverse = np.unique(subjects, return_inverse=True)
+  rows_of = [np.flatnonzero(inverse == k) for k in range(len(uniq))]
+  rng = np.random.default_rng(seed)
+  values = []
+  for _ in range(int(n_boot)):
+    rows = np.concatenate([rows_of[k] for k in rng.integers(0, len(uniq), len(uniq))])
+    v = stat(*(np.asarray(a)[rows] for a in arrays))
+    if np.isfinite(v):
+      values.append(v)
+  if not values:
+    return [float("nan"), float("nan")]
+  lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+  return [float(lo), float(hi)]
+
+
+def _auc_or_nan(y, p):
+  return float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
   err = np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64)
   return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err**2).mean())), "n": int(len(err)),
@@ -134,7 +162,7 @@ def ad_cn_probe(train_codes: np.ndarray, train_diagnosis: Sequence[str], train_s
     return np.asarray(codes, np.float64)[mask], y, np.asarray([str(s) for s in subj])[mask]
 
   xtr, ytr, gtr = keep(train_codes, train_diagnosis, train_subjects, "train")
-  xte, yte, _ = keep(test_codes, test_diagnosis, test_subjects, "test")
+  xte, yte, gte = keep(test_codes, test_diagnosis, test_subjects, "test")
   folds = _grouped_folds(ytr, gtr, n_folds, seed)
   cv = {}
   for c in cs:
@@ -146,7 +174,10 @@ def ad_cn_probe(train_codes: np.ndarray, train_diagnosis: Sequence[str], train_s
     cv[c] = classification_metrics(ytr, oof)
   best = max(cs, key=lambda c: (cv[c]["roc_auc"], -abs(np.log10(c))))
   probe = _fit_logistic(xtr, ytr, best, seed)
-  test = classification_metrics(yte, _sigmoid(probe.decision(xte)))
+  pte = _sigmoid(probe.decision(xte))
+  test = classification_metrics(yte, pte)
+  test["roc_auc_ci95"] = subject_bootstrap(_auc_or_nan, gte, yte, pte, seed=seed)
+  test["n_subjects"] = int(len(np.unique(gte)))
   return {
       "task": "AD vs CN (logistic regression)", "positive_class": POSITIVE_CLASS,
       "negative_class": NEGATIVE_CLASS, "C": best, "n_folds": len(folds), "cv": cv[best], "test": test,
@@ -166,7 +197,7 @@ def age_probe(train_codes: np.ndarray, train_age: Sequence[float], train_subject
     return np.asarray(codes, np.float64)[mask], age[mask], np.asarray([str(s) for s in subj])[mask]
 
   xtr, ytr, gtr = keep(train_codes, train_age, train_subjects)
-  xte, yte, _ = keep(test_codes, test_age, test_subjects)
+  xte, yte, gte = keep(test_codes, test_age, test_subjects)
   if len(ytr) == 0 or len(yte) == 0:
     raise ValueError("no finite ages in the probe's train or test split; the manifest's `age` column is empty.")
   folds = _grouped_folds(None, gtr, n_folds, seed)
@@ -178,7 +209,10 @@ def age_probe(train_codes: np.ndarray, train_age: Sequence[float], train_subject
     cv[a] = regression_metrics(ytr, oof)
   best = min(alphas, key=lambda a: cv[a]["mae"])
   probe = _fit_ridge(xtr, ytr, best)
-  test = regression_metrics(yte, probe.decision(xte))
+  pte = probe.decision(xte)
+  test = regression_metrics(yte, pte)
+  test["mae_ci95"] = subject_bootstrap(lambda y, p: float(np.abs(p - y).mean()), gte, yte, pte, seed=seed)
+  test["n_subjects"] = int(len(np.unique(gte)))
   return {"task": "age (ridge regression, years)", "alpha": best, "n_folds": len(folds), "cv": cv[best],
           "test": test, "cv_mae_by_alpha": {str(a): cv[a]["mae"] for a in alphas},
           "n_train_subjects": int(len(np.unique(gtr)))}, probe
@@ -197,6 +231,37 @@ def run_probes(train: dict[str, Any], test: dict[str, Any], *, n_folds: int = 5,
   return {"ad_vs_cn": cls, "age": reg}, {"ad_vs_cn": cls_probe, "age": reg_probe}
 
 
+def relative_spread(codes: np.ndarray) -> float:
+  """Mean over code dimensions of the std across scans, divided by the codes' RMS: ~0 for a collapsed encoder
+  whose output hardly depends on its input (a linear probe may still read tiny variations; a decoder
+  conditioned on the code will not)."""
+  codes = np.asarray(codes, np.float64)
+  rms = float(np.sqrt(np.mean(codes**2)))
+  return float(codes.std(axis=0).mean() / rms) if rms > 0 else 0.0
+
+
+def factor_recovery(train_codes: np.ndarray, train_factors: dict[str, np.ndarray], train_subjects: Sequence[Any],
+                    test_codes: np.ndarray, test_factors: dict[str, np.ndarray], test_subjects: Sequence[Any], *,
+                    alphas: Sequence[float] = DEFAULT_ALPHAS, n_folds: int = 5, seed: int = 0) -> dict[str, dict]:
+  """How linearly each known generative factor (e.g. the synthetic cohort's hippocampal volume) can be read
+  from the codes: a ridge probe per factor, alpha by grouped CV on train, R^2 on the test scans."""
+  check_disjoint_subjects(train_subjects, test_subjects)
+  groups = np.asarray([str(s) for s in train_subjects])
+  folds = _grouped_folds(None, groups, n_folds, seed)
+  xtr, xte = np.asarray(train_codes, np.float64), np.asarray(test_codes, np.float64)
+  out = {}
+  for name, ytr in train_factors.items():
+    ytr, yte = np.asarray(ytr, np.float64), np.asarray(test_factors[name], np.float64)
+
+    def cv_mse(a, ytr=ytr):
+      return float(np.mean([np.mean((_fit_ridge(xtr[tr], ytr[tr], a).decision(xtr[va]) - ytr[va]) ** 2)
+                            for tr, va in folds]))
+    best = min(alphas, key=cv_mse)
+    pred = _fit_ridge(xtr, ytr, best).decision(xte)
+    out[name] = {"r2": float(skm.r2_score(yte, pred)), "alpha": best, "n_test": int(len(yte))}
+  return out
+
+
 def manipulation_direction(probe: LinearProbe) -> np.ndarray:
   """Unit direction in standardised code space pointing towards AD (the positive class); negate for AD->CN."""
   w = np.asarray(probe.weight, np.float64)
@@ -213,4 +278,23 @@ def format_table(results_by_encoder: dict[str, dict]) -> str:
       c, r = res["ad_vs_cn"][split], res["age"][split]
       rows.append(f"| {name} | {split} | {c['accuracy']:.3f} | {c['precision']:.3f} | {c['recall']:.3f} | "
                   f"{c['f1']:.3f} | {c['roc_auc']:.3f} | {r['mae']:.2f} | {r['rmse']:.2f} |")
-  return head + "\n".join(rows) + f"\n\nPositive class: {POSITIVE_CLASS} (recall = {POSITIVE_CLASS} sensitivity).\n"
+  notes = [f"Positive class: {POSITIVE_CLASS} (recall = {POSITIVE_CLASS} sensitivity). cv: pooled out-of-fold "
+           "predictions of subject-grouped folds of the train split; test: probe refitted on all of train."]
+  for name, res in results_by_encoder.items():
+    c, r = res["ad_vs_cn"]["test"], res["age"]["test"]
+    if "roc_auc_ci95" in c:
+      notes.append(f"{name}, test ({c['n_subjects']} AD/CN subjects, {c['n']} scans): ROC-AUC 95 % subject-bootstrap "
+                   f"interval [{c['roc_auc_ci95'][0]:.3f}, {c['roc_auc_ci95'][1]:.3f}]; age MAE "
+                   f"[{r['mae_ci95'][0]:.2f}, {r['mae_ci95'][1]:.2f}] y.")
+  return head + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def format_factor_table(factors_by_encoder: dict[str, dict[str, dict]]) -> str:
+  """Markdown: test R^2 of a ridge read-out of each known factor, one column per encoder."""
+  names = list(factors_by_encoder)
+  factor_names = list(next(iter(factors_by_encoder.values())))
+  head = "| known factor | " + " | ".join(f"R^2 ({n} codes)" for n in names) + " |\n|---|" + "---|" * len(names)
+  rows = [f"| {f} | " + " | ".join(f"{factors_by_encoder[n][f]['r2']:.3f}" for n in names) + " |"
+          for f in factor_names]
+  return (head + "\n" + "\n".join(rows) + "\n\nRidge on the train codes (alpha by grouped CV), R^2 on the test "
+          "scans: how linearly each generative factor of the synthetic cohort can be read from the codes.\n")
