@@ -92,3 +92,35 @@ def test_figures_and_json(tmp_path):
   assert (tmp_path / "g.png").stat().st_size > 1000 and p.endswith("g.png")
   report._write_json(tmp_path / "x.json", {"a": np.float32(1.5), "big": np.zeros(100), "l": np.arange(3)})
   assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1.5, "l": [0, 1, 2]}
+
+
+def test_probe_report_pieces(tmp_path):
+  from ldae_jax.evaluation import probes
+  rng = np.random.default_rng(0)
+
+  def split(n, offset):
+    subj = np.array([f"s{offset + i // 2}" for i in range(n)])
+    diag = np.where(np.arange(n) // 2 % 2 == 0, "AD", "CN")
+    codes = rng.normal(size=(n, 4)) + (diag == "AD")[:, None]
+    return {"codes": codes, "diagnosis": diag, "age": rng.uniform(60, 80, n), "subject": subj,
+            "scan_id": np.array([f"{s}_{i}" for i, s in enumerate(subj)])}
+
+  train, test = split(40, 0), split(20, 100)
+  res = {}
+  for name in ("trained", "untrained"):
+    res[name] = probes.run_probes(train, test, n_folds=4)[0]
+    res[name]["code_spread"] = probes.relative_spread(train["codes"])
+  md = report.probe_markdown(res)
+  assert md.count("| trained |") == 2 and "Code spread" in md and "known factor" not in md
+  truth = {s: {k: 1.0 for k in report.KNOWN_FACTORS} for s in train["scan_id"]}
+  for name in res:
+    res[name]["known_factors"] = probes.factor_recovery(
+        train["codes"], report._factor_table(truth, train["scan_id"], "train"), train["subject"], test["codes"],
+        {k: rng.normal(size=20) for k in report.KNOWN_FACTORS}, test["subject"], n_folds=4)
+  assert "| hippocampus_ml |" in report.probe_markdown(res)
+  with pytest.raises(ValueError, match="ground_truth.csv"):
+    report._factor_table(truth, test["scan_id"], "test")
+  report._save_codes(tmp_path / "codes.npz", {"trained": {"train": train}})
+  with np.load(tmp_path / "codes.npz") as z:
+    np.testing.assert_array_equal(z["trained/train/codes"], train["codes"])
+    assert list(z["trained/train/scan_id"]) == list(train["scan_id"])

@@ -42,22 +42,75 @@ def _save_nifti(path: pathlib.Path, vol: np.ndarray, config) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ probe
+def probe_markdown(results: dict[str, dict]) -> str:
+  """The probe tables of `run_probe`'s results: metrics, known-factor read-out (synthetic cohorts), code spread."""
+  md = probes.format_table(results)
+  if all("known_factors" in r for r in results.values()):
+    md += "\n" + probes.format_factor_table({n: r["known_factors"] for n, r in results.items()})
+  spread = ", ".join(f"{n} {r['code_spread']:.2g}" for n, r in results.items())
+  return md + (f"\nCode spread (std across scans / RMS of the codes): {spread}. Near 0 the encoder has collapsed "
+               "to an almost constant code: a probe may still read it, but decoding barely depends on it.\n")
+
+
+# Generative factors of the synthetic cohort (`cohort/ground_truth.csv`) whose linear read-out the report shows.
+KNOWN_FACTORS = ("hippocampus_ml", "ventricle_ml", "gm_ml", "icv_ml")
+
+
+def _ground_truth(config, workdir) -> dict[str, dict[str, float]] | None:
+  """{scan_id: {factor: value}} of a generated synthetic cohort; None for a user manifest."""
+  path = pathlib.Path(workdir) / "cohort" / "ground_truth.csv"
+  if config.data.manifest or not path.is_file():
+    return None
+  import csv
+  with open(path, newline="") as f:
+    return {row["scan_id"]: {k: float(row[k]) for k in KNOWN_FACTORS} for row in csv.DictReader(f)}
+
+
+def _factor_table(truth, scan_ids, split) -> dict[str, np.ndarray]:
+  missing = [str(s) for s in scan_ids if str(s) not in truth]
+  if missing:
+    raise ValueError(f"{len(missing)} {split} scan(s) (e.g. {missing[:2]}) are not in the workdir's "
+                     "cohort/ground_truth.csv: the shards and the cohort disagree; rerun the latents stage.")
+  return {k: np.array([truth[str(s)][k] for s in scan_ids]) for k in KNOWN_FACTORS}
+
+
+def _save_codes(path: pathlib.Path, codes: dict[str, dict[str, dict[str, np.ndarray]]]) -> None:
+  """`codes.npz`: `<encoder>/<split>/<field>` arrays (codes, diagnosis, age, subject), for analyses of one's own."""
+  import io
+  flat = {f"{enc}/{split}/{k}": np.asarray(v) for enc, by_split in codes.items()
+          for split, d in by_split.items() for k, v in d.items()}
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **{k: (v.astype(str) if v.dtype == object else v) for k, v in flat.items()})
+  atomic.write_bytes(path, buf.getvalue())
+
+
 def run_probe(config: ml_collections.ConfigDict, workdir: str, out: pathlib.Path,
               models: rec.LDAEModels | None = None) -> tuple[dict, dict]:
   """Probes on the trained EMA encoder's codes and, beside them, on an untrained encoder's codes."""
   m = models or rec.load_ldae(config, workdir)
   bs = int(config.eval.batch_size)
   splits = {s: rec.read_split(workdir, s, fields=("image",)) for s in ("train", "test")}
-  results, fitted = {}, {}
+  results, fitted, codes = {}, {}, {}
   rand_def, rand_state = rec.random_encoder(config)
   for name, (d, s) in {"trained": (m.enc_def, m.enc_state), "untrained": (rand_def, rand_state)}.items():
     data = {}
     for split, v in splits.items():
       data[split] = {"codes": rec.semantic_codes(d, s, v["image"], bs, desc=f"{name} codes {split}"),
-                     "diagnosis": v["diagnosis"], "age": v["age"], "subject": v["subject"]}
+                     "diagnosis": v["diagnosis"], "age": v["age"], "subject": v["subject"],
+                     "scan_id": v["scan_id"]}
     results[name], fitted[name] = probes.run_probes(data["train"], data["test"], seed=int(config.seed))
-  table = probes.format_table(results)
-  (out / "probes.md").write_text(table)
+    codes[name] = data
+    results[name]["code_spread"] = probes.relative_spread(np.concatenate([data[s]["codes"] for s in data]))
+  _save_codes(out / "codes.npz", codes)
+  truth = _ground_truth(config, workdir)
+  if truth is not None:
+    tr, te = (_factor_table(truth, splits[s]["scan_id"], s) for s in ("train", "test"))
+    for name, data in codes.items():
+      results[name]["known_factors"] = probes.factor_recovery(
+          data["train"]["codes"], tr, data["train"]["subject"], data["test"]["codes"], te, data["test"]["subject"],
+          seed=int(config.seed))
+  table = probe_markdown(results)
+  atomic.write_bytes(out / "probes.md", table.encode("utf-8"))
   _write_json(out / "probes.json", results)
   print(table)
   c, a = results["trained"]["ad_vs_cn"]["test"], results["trained"]["age"]["test"]
@@ -173,7 +226,7 @@ def run_report(config, workdir: str) -> pathlib.Path:
   sections["device"] = str(jax.devices()[0])
   _write_json(out / "report.json", sections)
   md = ["# LDAE evaluation report", f"config `{config.name}`, workdir `{workdir}`, {sections['device']}", "",
-        "## Linear probes (codes of the EMA encoder vs an untrained encoder)", probes.format_table(probe_res)]
+        "## Linear probes (codes of the EMA encoder vs an untrained encoder)", probe_markdown(probe_res)]
   if "by_steps" in sections.get("recon", {}):
     md += ["## Reconstruction (test split)", "| T | SSIM enc. x_T | MS-SSIM | MSE | PSNR | SSIM y_sem only | "
            "SSIM AE bound | SSIM enc. vs AE |", "|---|---|---|---|---|---|---|---|"]
@@ -201,6 +254,6 @@ def run_report(config, workdir: str) -> pathlib.Path:
   for name in ("recon", "interp", "manip"):
     if "skipped" in sections.get(name, {}):
       md.append(f"- {name} skipped: {sections[name]['skipped']}")
-  (out / "report.md").write_text("\n".join(md) + "\n")
+  atomic.write_bytes(out / "report.md", ("\n".join(md) + "\n").encode("utf-8"))
   print(f"wrote {out / 'report.md'}")
   return out / "report.md"
