@@ -41,6 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Multiplies the synthetic age/disease atrophy: 1 = real-cohort volumes (visible at 1.5 mm); coarse grids
   # such as the quickstart's 6 mm voxels need it larger for the effects to span whole voxels.
   c.data.synthetic.atrophy_scale = 1.0
+  # Multiplies the head pose/size and bias-field variation that registration to MNI and N4 remove in a real
+  # cohort: 1 = unregistered scans, ~0.25 = the residuals of the paper's preprocessing.
+  c.data.synthetic.nuisance_scale = 1.0
 
   # ---------------------------------------------------------------- networks
   c.autoencoder = ml_collections.ConfigDict()
@@ -135,6 +138,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.representation = stage(batch=8, lr=2.5e-5, steps=100_000, accum=4)
   # Reference: EMA updated every micro-batch (0.999 per micro-batch ~ 0.996 per optimizer step with accum 4).
   c.train.representation.reference_ema_per_microbatch = False
+  # Multiplies the semantic encoder's step size (1 = the reference: one lr for every group). The reference's
+  # backbone starts from ImageNet weights; a randomly initialised one trained at a high lr can collapse to
+  # a near-constant code (docs/fidelity.md, "Encoder collapse in short runs").
+  c.train.representation.encoder_lr_scale = 1.0
   c.train.latents_batch_size = 4
   c.train.latents_records_per_shard = 256
   c.train.latents_store_images = True  # stage 3 needs the image beside its latent

@@ -126,3 +126,30 @@ def test_atrophy_scale_multiplies_every_radius_and_the_image_effect(anatomy):
     return ad["ventricle_ml"] - cn["ventricle_ml"]
 
   assert ad_minus_cn(3.0) > 2.0 * ad_minus_cn(1.0) > 0
+
+
+def test_nuisance_scale_shrinks_pose_size_and_bias_but_keeps_subjects_and_anatomy(tmp_path):
+  def cohort(scale):
+    out = tmp_path / f"n{scale}"
+    synthetic.generate_cohort(out, subjects=3, seed=0, progress=False, nuisance_scale=scale, **SMALL)
+    with open(out / "ground_truth.csv", newline="") as f:
+      rows = list(csv.DictReader(f))
+    vols = [nifti.load_volume(r.path, **SMALL) for r in manifest.read_manifest(out / "manifest.csv")]
+    return rows, vols
+
+  raw, raw_vols = cohort(1.0)
+  reg, reg_vols = cohort(0.0)
+  # The same subjects, sessions, diagnoses and ages: only the nuisance draws are scaled, not skipped.
+  assert [(r["scan_id"], r["diagnosis"], r["age"]) for r in raw] == [(r["scan_id"], r["diagnosis"], r["age"])
+                                                                     for r in reg]
+  # No head-size variation left, and every subject's ICV equals the template's (whose own deformation,
+  # unaffected by the scale, moves it by well under the 4 % head-size spread).
+  assert all(float(r["head_scale"]) == 1.0 for r in reg)
+  assert len({round(float(r["head_scale"]), 6) for r in raw}) == len({r["subject"] for r in raw}) > 1
+  icv_spread = lambda rows: np.std([float(r["icv_ml"]) for r in rows]) / np.mean([float(r["icv_ml"]) for r in rows])
+  assert icv_spread(reg) < 0.5 * icv_spread(raw)
+  # Two sessions of one subject 6 months apart: without the per-scan bias field they differ by little more
+  # than atrophy progression and noise.
+  assert raw[0]["subject"] == raw[1]["subject"]
+  change = lambda v: float(np.abs(v[0] - v[1]).mean())
+  assert change(reg_vols) < 0.8 * change(raw_vols)

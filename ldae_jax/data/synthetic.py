@@ -276,21 +276,24 @@ def _cosine_basis(n: int, k: int) -> np.ndarray:
   return np.stack([np.cos(np.pi * (i + 1) * t) for i in range(k)], axis=1)  # (n, k), no constant term
 
 
-def build_anatomy(shape: Sequence[int], spacing_mm: float, rng: np.random.Generator) -> Anatomy:
+def build_anatomy(shape: Sequence[int], spacing_mm: float, rng: np.random.Generator,
+                  pose_scale: float = 1.0) -> Anatomy:
   """Draws a subject: a random similarity transform plus a smooth displacement of the template.
 
   Output voxel x (world mm, `nifti.volume_affine` grid) reads the template at
   `R diag(1/s) (x - c) + c + t + d(x)`, with per-axis head scale s ~ 1 +- 4 %, rotations ~ 2 deg, shift
-  ~ 1.5 mm about the brain centre c, and d a low-frequency cosine field (3 modes per axis, ~2 mm).
+  ~ 1.5 mm about the brain centre c (all three times `pose_scale`), and d a low-frequency cosine field
+  (3 modes per axis, ~2 mm: the subject's own anatomy, which affine registration does not remove).
   Only output voxels whose template position can hold brain are sampled afterwards.
   """
   shape = tuple(int(s) for s in shape)
   atlas = load_atlas(float(spacing_mm))
   aff = nifti.volume_affine(shape, spacing_mm)
   axes_mm = [(np.arange(n) * aff[a, a] + aff[a, 3]).astype(np.float32) for a, n in enumerate(shape)]
-  scale = np.clip(1.0 + 0.04 * rng.standard_normal(3), 0.9, 1.1)
-  angles = np.deg2rad(2.0 * rng.standard_normal(3))
-  shift = 1.5 * rng.standard_normal(3)
+  pose_scale = float(pose_scale)
+  scale = np.clip(1.0 + 0.04 * pose_scale * rng.standard_normal(3), 0.9, 1.1)
+  angles = np.deg2rad(2.0 * pose_scale * rng.standard_normal(3))
+  shift = 1.5 * pose_scale * rng.standard_normal(3)
   k = 3
   coef = rng.standard_normal((3, k, k, k)) * (2.0 / (1.0 + np.add.outer(np.add.outer(
       np.arange(k), np.arange(k)), np.arange(k))))[None]
@@ -332,8 +335,10 @@ def build_anatomy(shape: Sequence[int], spacing_mm: float, rng: np.random.Genera
 
 
 def render_scan(anatomy: Anatomy, *, age: float, diagnosis: str, years: float,
-                rng: np.random.Generator, atrophy_scale: float = 1.0) -> tuple[np.ndarray, dict[str, float]]:
-  """One session: atrophy for (age, diagnosis, years), T1 contrast, bias and noise.
+                rng: np.random.Generator, atrophy_scale: float = 1.0,
+                bias_scale: float = 1.0) -> tuple[np.ndarray, dict[str, float]]:
+  """One session: atrophy for (age, diagnosis, years), T1 contrast, bias (log-polynomial coefficients
+  ~ 0.06 * `bias_scale`) and noise.
 
   Returns the float32 `(X, Y, Z)` volume scaled to [0, 1] and the ground-truth measures (mL, radii, noise).
   """
@@ -352,7 +357,7 @@ def render_scan(anatomy: Anatomy, *, age: float, diagnosis: str, years: float,
 
   x, y, z = an.coords
   terms = (x, y, z, x * x, y * y, z * z, x * y, x * z, y * z)
-  bias_coef = 0.06 * rng.standard_normal(len(terms))
+  bias_coef = 0.06 * float(bias_scale) * rng.standard_normal(len(terms))
   log_bias = sum(np.float32(c) * t for c, t in zip(bias_coef, terms))
   noise_sd = float(rng.uniform(0.015, 0.035))
   n1 = rng.standard_normal(signal.shape, dtype=np.float32)
@@ -397,13 +402,17 @@ def _write_csv(path: pathlib.Path, header: Sequence[str], rows: list[Sequence]) 
 def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
                     shape: Sequence[int] = nifti.DEFAULT_SHAPE, spacing_mm: float = nifti.DEFAULT_SPACING_MM,
                     sessions: tuple[int, int] = (2, 5), interval_months: int = 6,
-                    atrophy_scale: float = 1.0, progress: bool = True) -> pathlib.Path:
+                    atrophy_scale: float = 1.0, nuisance_scale: float = 1.0,
+                    progress: bool = True) -> pathlib.Path:
   """Writes the cohort under `out_dir`; returns `out_dir/manifest.csv`.
 
   `sessions=(lo, hi)`: each subject gets lo..hi sessions (inclusive), `interval_months` apart, from a
   baseline age in 55..90 minus the follow-up. Also writes `ground_truth.csv` (one row per scan) and
   `cohort.json` (the arguments, so a caller can tell whether an existing cohort matches its config).
-  `atrophy_scale` multiplies the age and disease atrophy radii (see `atrophy_radii`).
+  `atrophy_scale` multiplies the age and disease atrophy radii (see `atrophy_radii`). `nuisance_scale`
+  multiplies the variation that preprocessing removes in a real cohort: head pose and size (affine
+  registration to MNI) and the bias field (N4). 1 gives scanner-space scans; ~0.25 leaves the residuals of
+  the paper's preprocessing. The subject's own anatomy (the smooth deformation) is unaffected.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -427,14 +436,14 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
   bar = tqdm(range(subjects), desc="synthetic cohort", unit="subject", disable=not progress)
   for i in bar:
     diagnosis, age0, months_list, rng = _subject_plan(seed, i, (lo, hi), interval_months)
-    anatomy = build_anatomy(shape, spacing_mm, rng)
+    anatomy = build_anatomy(shape, spacing_mm, rng, pose_scale=nuisance_scale)
     subject = f"sub-{i + 1:0{width}d}"
     for j, months in enumerate(months_list):
       years = months / 12.0
       age = round(age0 + years, 2)
       scan_rng = np.random.default_rng(np.random.SeedSequence([seed, i, j + 1]))
       volume, measures = render_scan(anatomy, age=age, diagnosis=diagnosis, years=years, rng=scan_rng,
-                                     atrophy_scale=atrophy_scale)
+                                     atrophy_scale=atrophy_scale, bias_scale=nuisance_scale)
       ses = f"ses-M{months:03d}"
       rel = f"{subject}/{ses}/anat/{subject}_{ses}_T1w.nii.gz"
       nifti.save_volume(out / rel, volume, spacing_mm=spacing_mm, dtype="int16")
@@ -452,6 +461,7 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
              [[f"{r[h]:.6g}" if isinstance(r[h], float) else r[h] for h in header] for r in truth])
   meta = dict(subjects=subjects, seed=seed, shape=list(shape), spacing_mm=float(spacing_mm),
               sessions=[lo, hi], interval_months=interval_months, atrophy_scale=float(atrophy_scale),
+              nuisance_scale=float(nuisance_scale),
               scans=len(records))
   (out / "cohort.json").write_text(json.dumps(meta, indent=1) + "\n")
   return manifest_path
@@ -478,6 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--interval", type=int, default=6, help="months between sessions (default 6)")
   p.add_argument("--atrophy-scale", type=float, default=1.0,
                  help="multiplies the age/disease atrophy (default 1: real-cohort volumes; >1 for coarse grids)")
+  p.add_argument("--nuisance-scale", type=float, default=1.0,
+                 help="multiplies head pose/size and bias-field variation (default 1: unregistered, uncorrected "
+                      "scans; ~0.25: residuals after affine registration to MNI and N4)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
   try:
@@ -488,7 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   t0 = time.time()
   path = generate_cohort(args.out, subjects=args.subjects, seed=args.seed, shape=shape,
                          spacing_mm=args.spacing, sessions=sessions, interval_months=args.interval,
-                         atrophy_scale=args.atrophy_scale, progress=not args.quiet)
+                         atrophy_scale=args.atrophy_scale, nuisance_scale=args.nuisance_scale,
+                         progress=not args.quiet)
   with open(path) as f:
     n_scans = sum(1 for _ in f) - 1
   print(f"synthetic cohort: {args.subjects} subjects, {n_scans} scans, {shape} at {args.spacing} mm, "

@@ -38,7 +38,8 @@ def manifest_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
   return pathlib.Path(synthetic.generate_cohort(
       out, subjects=int(config.data.synthetic.subjects), seed=int(config.data.synthetic.seed),
       shape=tuple(config.data.image_shape), spacing_mm=float(config.data.spacing_mm),
-      atrophy_scale=float(config.data.synthetic.atrophy_scale)))
+      atrophy_scale=float(config.data.synthetic.atrophy_scale),
+      nuisance_scale=float(config.data.synthetic.nuisance_scale)))
 
 
 def splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, list[mf.ScanRecord]]:
