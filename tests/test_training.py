@@ -8,6 +8,7 @@ import json
 import pathlib
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -132,3 +133,20 @@ def test_microbatches_split_rows_per_device_block():
   assert mb.shape == (2, 4)
   np.testing.assert_array_equal(mb[0], [0, 2, 4, 6])
   np.testing.assert_array_equal(np.sort(np.concatenate(mb)), np.arange(8))
+
+
+def test_representation_encoder_lr_scale_scales_only_encoder_updates():
+  cfg = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, clip_norm=0.0, encoder_lr_scale=1.0))
+  params = {"shift": {"w": jnp.ones((3,))}, "encoder": {"w": jnp.ones((2, 2))}}
+  grads = {"shift": {"w": jnp.array([1.0, -2.0, 0.5])}, "encoder": {"w": jnp.array([[1.0, -1.0], [3.0, 0.1]])}}
+
+  def first_update(scale):
+    tx = representation_stage.make_optimizer(ml_collections.ConfigDict(dict(cfg, encoder_lr_scale=scale)))
+    return tx.update(grads, tx.init(params), params)[0]
+
+  base, slow = first_update(1.0), first_update(0.1)
+  np.testing.assert_allclose(slow["encoder"]["w"], 0.1 * base["encoder"]["w"], rtol=1e-6)
+  np.testing.assert_array_equal(slow["shift"]["w"], base["shift"]["w"])
+  assert float(jnp.abs(base["encoder"]["w"]).min()) > 0
+  with pytest.raises(ValueError, match="encoder_lr_scale"):
+    representation_stage.make_optimizer(ml_collections.ConfigDict(dict(cfg, encoder_lr_scale=0.0)))

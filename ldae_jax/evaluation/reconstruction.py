@@ -56,7 +56,7 @@ def load_ldae(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
   s_def, sp, s_rngs, s_rest = st.split_model(shift, rs.SHIFT_TRAINABLE)
   e_def, ep, e_rngs, e_rest = st.split_model(enc)
   target = st.create_state({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest},
-                           st.make_optimizer(config.train.representation), seed=0,
+                           rs.make_optimizer(config.train.representation), seed=0,
                            with_ema=config.train.representation.ema_decay > 0)
   restored, step = restore_newest(
       ckdir, target, what="representation weights",

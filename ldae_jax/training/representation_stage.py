@@ -44,6 +44,17 @@ def load_frozen_unet(shift_unet: nnx.Module, config: ml_collections.ConfigDict, 
   return step
 
 
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The stage optimizer over {'shift', 'encoder'}, the encoder's updates scaled by `cfg.encoder_lr_scale`."""
+  tx = st.make_optimizer(cfg)
+  factor = float(cfg.get("encoder_lr_scale", 1.0))
+  if factor <= 0:
+    raise ValueError(f"config.train.representation.encoder_lr_scale={factor} must be > 0.")
+  if factor == 1.0:
+    return tx
+  return optax.chain(tx, optax.masked(optax.scale(factor), {"shift": False, "encoder": True}))
+
+
 def make_step(s_def, s_rngs, e_def, e_rngs, tx: optax.GradientTransformation, sched, scale: float,
               cfg: ml_collections.ConfigDict):
   """Pure stage-3 step; batch = {'mu': (B*accum, x, y, z, C), 'image': (B*accum, X, Y, Z, 1)}."""
@@ -81,7 +92,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
   encoder = build_encoder(config, nnx.Rngs(params=config.seed + 12, dropout=config.seed + 13))
   s_def, sp, s_rngs, s_rest = st.split_model(shift_unet, SHIFT_TRAINABLE)
   e_def, ep, e_rngs, e_rest = st.split_model(encoder)
-  tx = st.make_optimizer(cfg)
+  tx = make_optimizer(cfg)
   state = st.create_state({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest}, tx,
                           seed=config.seed + 14, with_ema=cfg.ema_decay > 0)
   sched = make_schedule(config.diffusion)
