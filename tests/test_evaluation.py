@@ -124,3 +124,10 @@ def test_probe_report_pieces(tmp_path):
   with np.load(tmp_path / "codes.npz") as z:
     np.testing.assert_array_equal(z["trained/train/codes"], train["codes"])
     assert list(z["trained/train/scan_id"]) == list(train["scan_id"])
+
+
+def test_edit_magnitude_measures_change_from_alpha_zero():
+  from ldae_jax.evaluation import manipulation
+  base = np.random.default_rng(0).normal(size=(3, 1, 4, 4, 4, 1))
+  vols = np.concatenate([base, base + 0.5, base - 2.0], axis=1)  # (N=3, A=3, ...)
+  np.testing.assert_allclose(manipulation.edit_magnitude(vols), [0.0, 0.5, 2.0], atol=1e-12)

@@ -23,6 +23,13 @@ from ldae_jax.evaluation import probes
 from ldae_jax.evaluation.reconstruction import LDAEModels
 
 
+def edit_magnitude(volumes: np.ndarray) -> np.ndarray:
+  """(N, A, ...) decodes for alphas[0] = 0, alphas[1:] -> (A,) mean |decode(alpha) - decode(0)| over scans and
+  voxels: separates 'the edit moved the image but not the probe' from 'the decoder ignores the code'."""
+  v = np.asarray(volumes, np.float64)
+  return np.abs(v - v[:, :1]).reshape(v.shape[0], v.shape[1], -1).mean(axis=(0, 2))
+
+
 def make_manip_fn(m: LDAEModels, config: ml_collections.ConfigDict, steps: int, alphas: tuple[float, ...]):
   sched = schedule_lib.ddim_schedule(schedule_lib.make_schedule(config.diffusion), steps)
   clamp, crange = bool(config.diffusion.clamp_x0), float(config.diffusion.clamp_range)
@@ -82,8 +89,11 @@ def evaluate_manipulation(m: LDAEModels, config: ml_collections.ConfigDict, data
                      jnp.asarray(probe.std, jnp.float32))
     codes = np.asarray(codes, np.float64)
     p_ad = 1 / (1 + np.exp(-probe.decision(codes.reshape(-1, codes.shape[-1])).reshape(codes.shape[:2])))
+    vols = np.asarray(vols)
     out[name] = {"n": int(len(idx)), "scan_ids": [str(s) for s in data["scan_id"][idx]],
-                 "p_ad_reencoded_by_alpha": p_ad.mean(0).tolist(), "volumes": np.asarray(vols),
+                 "p_ad_reencoded_by_alpha": p_ad.mean(0).tolist(),
+                 # How much the edit changed the decoded image at all (0 for alpha 0 by construction).
+                 "mean_abs_change_by_alpha": edit_magnitude(vols).tolist(), "volumes": vols,
                  "originals": data["image"][idx]}
   n = int(config.eval.num_variations)
   var = make_variation_fn(m, config, steps, n)(states, jnp.asarray(data["image"][:1]), jnp.asarray(data["mu"][:1]),

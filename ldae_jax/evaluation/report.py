@@ -182,7 +182,8 @@ def run_manip(config, workdir, out, models=None, fitted=None) -> dict:
       _save_nifti(out / "volumes" / f"manip_{name}_{d['scan_ids'][0]}_alpha{r['alphas'][-1]}.nii.gz",
                   d["volumes"][0][-1], config)
       print(f"{name}: p(AD) of re-encoded edits by alpha {r['alphas']}: "
-            f"{np.round(d['p_ad_reencoded_by_alpha'], 3).tolist()}")
+            f"{np.round(d['p_ad_reencoded_by_alpha'], 3).tolist()}; mean |change| of the decoded image "
+            f"{np.round(d['mean_abs_change_by_alpha'], 5).tolist()}")
   v = r["variations"]
   v["figure"] = figures.volume_grid([[v["original"], *v["volumes"]]], out / "variations.png",
                                     row_labels=[v["scan_id"]], col_labels=["original"] + [
@@ -248,7 +249,8 @@ def run_report(config, workdir: str) -> pathlib.Path:
     for name in ("AD_to_CN", "CN_to_AD"):
       if sections["manip"][name].get("n"):
         md += [f"- {name}: p(AD) of the re-encoded edit by alpha "
-               f"{np.round(sections['manip'][name]['p_ad_reencoded_by_alpha'], 3).tolist()}",
+               f"{np.round(sections['manip'][name]['p_ad_reencoded_by_alpha'], 3).tolist()}; mean |change| of "
+               f"the decoded image {np.round(sections['manip'][name]['mean_abs_change_by_alpha'], 5).tolist()}",
                f"  ![{name}](manipulation_{name}.png)"]
     md += ["", "![variations](variations.png)", ""]
   for name in ("recon", "interp", "manip"):
