@@ -463,7 +463,7 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
               sessions=[lo, hi], interval_months=interval_months, atrophy_scale=float(atrophy_scale),
               nuisance_scale=float(nuisance_scale),
               scans=len(records))
-  (out / "cohort.json").write_text(json.dumps(meta, indent=1) + "\n")
+  atomic.write_bytes(out / "cohort.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
   return manifest_path
 
 

@@ -7,7 +7,9 @@ report.md, report.json, PNG figures and NIfTI volumes of generated scans.
 
 from __future__ import annotations
 
+import csv
 import datetime
+import io
 import json
 import pathlib
 from typing import Any
@@ -61,7 +63,6 @@ def _ground_truth(config, workdir) -> dict[str, dict[str, float]] | None:
   path = pathlib.Path(workdir) / "cohort" / "ground_truth.csv"
   if config.data.manifest or not path.is_file():
     return None
-  import csv
   with open(path, newline="") as f:
     return {row["scan_id"]: {k: float(row[k]) for k in KNOWN_FACTORS} for row in csv.DictReader(f)}
 
@@ -76,7 +77,6 @@ def _factor_table(truth, scan_ids, split) -> dict[str, np.ndarray]:
 
 def _save_codes(path: pathlib.Path, codes: dict[str, dict[str, dict[str, np.ndarray]]]) -> None:
   """`codes.npz`: `<encoder>/<split>/<field>` arrays (codes, diagnosis, age, subject), for analyses of one's own."""
-  import io
   flat = {f"{enc}/{split}/{k}": np.asarray(v) for enc, by_split in codes.items()
           for split, d in by_split.items() for k, v in d.items()}
   buf = io.BytesIO()

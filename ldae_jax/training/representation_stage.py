@@ -47,10 +47,10 @@ def load_frozen_unet(shift_unet: nnx.Module, config: ml_collections.ConfigDict, 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The stage optimizer over {'shift', 'encoder'}, the encoder's updates scaled by `cfg.encoder_lr_scale`."""
   tx = st.make_optimizer(cfg)
-  factor = float(cfg.get("encoder_lr_scale", 1.0))
+  factor = float(cfg.encoder_lr_scale)
   if factor <= 0:
     raise ValueError(f"config.train.representation.encoder_lr_scale={factor} must be > 0.")
-  if factor == 1.0:
+  if factor == 1.0:  # the plain optimizer: its state has the structure of checkpoints written before the option
     return tx
   return optax.chain(tx, optax.masked(optax.scale(factor), {"shift": False, "encoder": True}))
 
