@@ -4,6 +4,7 @@ a grain pipeline of preprocessed volumes for the autoencoder stage.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from collections.abc import Sequence
@@ -29,18 +30,48 @@ def manifest_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
                               "it empty to generate the synthetic cohort into <workdir>/cohort.")
     return path
   out = pathlib.Path(workdir) / "cohort"
-  existing = out / "manifest.csv"
-  if existing.is_file():
+  wanted = synthetic_cohort_args(config)
+  existing, meta_path = out / "manifest.csv", out / "cohort.json"
+  if existing.is_file() and meta_path.is_file():
+    check_cohort_matches(meta_path, wanted)
     return existing
   from ldae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  print(f"config.data.manifest is empty: generating a synthetic cohort of {config.data.synthetic.subjects} "
+  # No cohort.json (written last) means an interrupted generation: regenerate, every file is rewritten.
+  print(f"config.data.manifest is empty: generating a synthetic cohort of {wanted['subjects']} "
         f"subjects into {out}", flush=True)
-  return pathlib.Path(synthetic.generate_cohort(
-      out, subjects=int(config.data.synthetic.subjects), seed=int(config.data.synthetic.seed),
-      shape=tuple(config.data.image_shape), spacing_mm=float(config.data.spacing_mm),
-      atrophy_scale=float(config.data.synthetic.atrophy_scale),
-      nuisance_scale=float(config.data.synthetic.nuisance_scale)))
+  return pathlib.Path(synthetic.generate_cohort(out, **wanted))
 
+
+def synthetic_cohort_args(config: ml_collections.ConfigDict) -> dict:
+  """The `synthetic.generate_cohort` arguments that `config.data` asks for."""
+  syn = config.data.synthetic
+  return dict(subjects=int(syn.subjects), seed=int(syn.seed), shape=tuple(int(s) for s in config.data.image_shape),
+              spacing_mm=float(config.data.spacing_mm), atrophy_scale=float(syn.atrophy_scale),
+              nuisance_scale=float(syn.nuisance_scale))
+
+
+def check_cohort_matches(meta_path: pathlib.Path, wanted: dict) -> None:
+  """Raises if the cohort recorded in `meta_path` (cohort.json) is not the one the config asks for.
+
+  Reusing it silently would train (or evaluate) on other scans than the config says, and the workdir's
+  checkpoints may come from either cohort, so the choice is left to the user.
+  """
+  try:
+    meta = json.loads(meta_path.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{meta_path}: unreadable ({e}). Delete {meta_path.parent} to regenerate the synthetic "
+                     "cohort.") from e
+  meta.setdefault("nuisance_scale", 1.0)  # cohorts written before the option existed
+  diffs = []
+  for key, want in wanted.items():
+    have = meta.get(key)
+    have = tuple(have) if isinstance(have, list) else have
+    if have != want:
+      diffs.append(f"{key}: cohort {have!r}, config {want!r}")
+  if diffs:
+    raise ValueError(f"{meta_path.parent} holds a synthetic cohort that differs from config.data ("
+                     + "; ".join(diffs) + "). Use a new --workdir (the stages trained on the old cohort live in "
+                     f"this one), or delete {meta_path.parent} to regenerate it here, or set the config back.")
 
 def splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, list[mf.ScanRecord]]:
   """{train, val, test} scan records of the run's manifest, split by subject with `config.data.split_seed`."""

@@ -1,0 +1,47 @@
+"""training/volumes: the run's cohort is the one its config asks for."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ldae_jax.config import default_config
+from ldae_jax.training import volumes
+
+
+def small_config(subjects=2):
+  c = default_config()
+  c.data.image_shape = (32, 40, 32)
+  c.data.spacing_mm = 6.0
+  c.data.synthetic.subjects = subjects
+  return c
+
+
+def test_synthetic_cohort_is_generated_once_and_a_different_config_is_refused(tmp_path, capsys):
+  path = volumes.manifest_path(small_config(), tmp_path)
+  assert path == tmp_path / "cohort" / "manifest.csv" and "generating" in capsys.readouterr().out
+  meta_path = tmp_path / "cohort" / "cohort.json"
+  stamp = path.stat().st_mtime_ns
+  assert volumes.manifest_path(small_config(), tmp_path) == path  # reused, not rewritten
+  assert path.stat().st_mtime_ns == stamp and "generating" not in capsys.readouterr().out
+
+  with pytest.raises(ValueError, match=r"subjects: cohort 2, config 3.*new --workdir") as err:
+    volumes.manifest_path(small_config(3), tmp_path)
+  assert str(tmp_path / "cohort") in str(err.value)
+  c = small_config()
+  c.data.synthetic.nuisance_scale = 0.25
+  with pytest.raises(ValueError, match="nuisance_scale: cohort 1.0, config 0.25"):
+    volumes.manifest_path(c, tmp_path)
+
+  meta = json.loads(meta_path.read_text())
+  del meta["nuisance_scale"]  # a cohort written before the option existed had the default
+  meta_path.write_text(json.dumps(meta))
+  assert volumes.manifest_path(small_config(), tmp_path) == path
+  meta_path.write_text("{not json")
+  with pytest.raises(ValueError, match="unreadable"):
+    volumes.manifest_path(small_config(), tmp_path)
+
+  meta_path.unlink()  # an interrupted generation (cohort.json is written last) is regenerated
+  assert volumes.manifest_path(small_config(), tmp_path) == path
+  assert meta_path.is_file() and "generating" in capsys.readouterr().out
