@@ -78,6 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.encoder.num_heads = 8
   c.encoder.seq_len = 128  # number of axial slices = image_shape[2]
   c.encoder.attn_dropout = 0.1
+  # ConvNeXt stem kernel = stride (torchvision: 4). Scale it with the image spacing: 1.5 mm -> 4, 6 mm -> 1.
+  c.encoder.patch_size = 4
   c.encoder.pretrained_convnext = ""  # optional torchvision ConvNeXt state dict (.pth / converted .npz)
 
   # Compute: parameters stay float32; activations in `compute_dtype`.

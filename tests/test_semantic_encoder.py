@@ -156,3 +156,24 @@ def test_bad_configuration_and_input_raise(tiny):
     nnx.eval_shape(lambda: SemanticEncoder(**dict(TINY, emb_dim=64), rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="seq_len"):
     tiny[1](jnp.zeros((1, 32, 40, 17, 1)))
+
+
+def test_patch_size_keeps_the_feature_maps_of_a_finer_image():
+  """patch_size 1 on a 4x coarser slice == torchvision's 4x4 stem on that slice upsampled 4x (same weights
+  elsewhere, stem kernel spread over the patch): the quickstart's 6 mm encoder sees the paper's feature maps."""
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 10, 1))
+  fine = nnx.eval_shape(lambda: ConvNeXt(dims=(4, 8), depths=(1, 1), rngs=nnx.Rngs(0)))
+  coarse = nnx.eval_shape(lambda: ConvNeXt(dims=(4, 8), depths=(1, 1), patch_size=1, rngs=nnx.Rngs(0)))
+  stem = ("features", 0, 0, "kernel")
+  shapes = flat_param_shapes(coarse)
+  assert shapes[stem] == (1, 1, 1, 4) and flat_param_shapes(fine)[stem] == (4, 4, 1, 4)
+  rng = np.random.default_rng(2)
+  weights = {p: rng.normal(0, 0.3, s).astype(np.float32) for p, s in shapes.items()}
+  load_into_model(coarse, weights)
+  load_into_model(fine, {**weights, stem: np.tile(weights[stem] / 16, (4, 4, 1, 1))})
+  up = jnp.repeat(jnp.repeat(x, 4, axis=1), 4, axis=2)
+  np.testing.assert_allclose(np.asarray(coarse(x)), np.asarray(fine(up)), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="patch_size"):
+    ConvNeXt(dims=(4, 8), depths=(1, 1), patch_size=0, rngs=nnx.Rngs(0))
+  with pytest.raises(ConversionError, match="patch_size=1"):
+    conv_e.import_torchvision_convnext({}, coarse)

@@ -127,6 +127,9 @@ def import_torchvision_convnext(state_dict: Mapping[str, np.ndarray], encoder_mo
   filled, so a ConvNeXt of another size fails with the list of mismatches.
   """
   backbone = encoder_model.backbone if hasattr(encoder_model, "backbone") else encoder_model
+  if getattr(backbone, "patch_size", 4) != 4:
+    raise common.ConversionError(f"{source}: torchvision ConvNeXt weights have a 4x4 stem, the backbone "
+                                 f"config.encoder.patch_size={backbone.patch_size}; set it to 4 to load them.")
   sd = {}
   for key, value in state_dict.items():
     if key.startswith("classifier.2."):

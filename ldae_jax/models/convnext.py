@@ -1,7 +1,8 @@
 """ConvNeXt backbone with torchvision semantics (the semantic encoder's per-slice 2D network), NHWC.
 
 torchvision's `ConvNeXt` with the classifier's last Linear replaced by the identity (as the reference does):
-  features[0]        stem: conv 4x4 stride 4 (VALID) -> LayerNorm2d (eps 1e-6)
+  features[0]        stem ("patchify"): conv 4x4 stride 4 (VALID) -> LayerNorm2d (eps 1e-6); `patch_size`
+                     changes 4 for slices at a coarser spacing than the paper's 1.5 mm (see below)
   features[1, 3, ..] stages: CNBlocks
   features[2, 4, ..] downsampling: LayerNorm2d -> conv 2x2 stride 2 (VALID; floor, 5 -> 2)
   classifier_0       global average pool -> LayerNorm2d; output (N, dims[-1])
@@ -9,6 +10,12 @@ CNBlock = depthwise 7x7 (pad 3) -> LayerNorm -> Linear(d, 4d) -> exact (erf) GEL
 x layer_scale -> stochastic depth ('row': one Bernoulli per image, survivors scaled by 1/(1-p)) -> + input.
 The drop probability grows linearly from 0 at the first block to `stochastic_depth` at the last, over all
 blocks of all stages, as in torchvision. The stem takes `in_channels` (1: grayscale MRI slices).
+
+`patch_size` (default 4, torchvision's and the reference's) is the stem's kernel and stride. The paper's
+128x160 slices give 32x40 -> 16x20 -> 8x10 -> 4x5 feature maps; a volume resampled k times coarser needs a
+patch k times smaller to keep those maps (and the anatomy each position sees): the quickstart's 6 mm slices
+(32x40) use patch 1. With patch 4 they would shrink to 1x1 by the last stage, where a hippocampus is a
+fraction of one patch.
 
 The Flax names mirror torchvision's keys: `features.1.0.block.3.weight` is `features[1][0].block_3.kernel`,
 `features.0.0.weight` is `features[0][0].kernel`, `classifier.0.weight` is `classifier_0.scale`; see
@@ -94,15 +101,19 @@ class ConvNeXt(nnx.Module):
 
   def __init__(self, *, in_channels: int = 1, dims: Sequence[int] = (96, 192, 384, 768),
                depths: Sequence[int] = (3, 3, 27, 3), stochastic_depth_prob: float = 0.0,
-               layer_scale: float = 1e-6, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+               layer_scale: float = 1e-6, patch_size: int = 4, dtype=jnp.float32, remat: bool = False,
+               rngs: nnx.Rngs):
     if len(dims) != len(depths) or not dims:
       raise ValueError(f"config.encoder.dims {tuple(dims)} and config.encoder.depths {tuple(depths)} must be "
                        "non-empty and of equal length (one entry per ConvNeXt stage).")
     self.dtype = dtype
     self.remat = remat
     self.in_channels = in_channels
+    if patch_size < 1:
+      raise ValueError(f"config.encoder.patch_size={patch_size} must be a positive integer (torchvision: 4).")
+    self.patch_size = patch_size
     probs = iter(drop_probabilities(depths, stochastic_depth_prob))
-    features: list = [nnx.List([_conv2d(in_channels, dims[0], 4, stride=4, dtype=dtype, rngs=rngs),
+    features: list = [nnx.List([_conv2d(in_channels, dims[0], patch_size, stride=patch_size, dtype=dtype, rngs=rngs),
                                 _layer_norm(dims[0], dtype, rngs)])]
     kinds = ["stem"]
     for i, (dim, depth) in enumerate(zip(dims, depths)):

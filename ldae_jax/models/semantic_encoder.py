@@ -105,7 +105,8 @@ class SemanticEncoder(nnx.Module):
 
   def __init__(self, *, dims=(96, 192, 384, 768), depths=(3, 3, 27, 3), stochastic_depth: float = 0.4,
                emb_dim: int = 768, num_heads: int = 8, seq_len: int = 128, attn_dropout: float = 0.1,
-               in_channels: int = 1, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+               in_channels: int = 1, patch_size: int = 4, dtype=jnp.float32, remat: bool = False,
+               rngs: nnx.Rngs):
     if dims[-1] != emb_dim:
       raise ValueError(f"config.encoder.dims[-1]={dims[-1]} must equal config.encoder.emb_dim={emb_dim}: the "
                        "reference adds an emb_dim-wide positional table to the backbone features.")
@@ -114,7 +115,8 @@ class SemanticEncoder(nnx.Module):
     self.emb_dim = emb_dim
     self.attn_dropout = attn_dropout
     self.backbone = ConvNeXt(in_channels=in_channels, dims=dims, depths=depths,
-                             stochastic_depth_prob=stochastic_depth, dtype=dtype, remat=remat, rngs=rngs)
+                             stochastic_depth_prob=stochastic_depth, patch_size=patch_size, dtype=dtype,
+                             remat=remat, rngs=rngs)
     self.query_projection = _linear(emb_dim, emb_dim, rngs)
     self.key_projection = _linear(emb_dim, emb_dim, rngs)
     self.value_projection = _linear(emb_dim, emb_dim, rngs)
@@ -171,5 +173,5 @@ def build_encoder(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Semantic
   e = config.encoder
   return SemanticEncoder(dims=tuple(e.dims), depths=tuple(e.depths), stochastic_depth=e.stochastic_depth,
                          emb_dim=e.emb_dim, num_heads=e.num_heads, seq_len=e.seq_len,
-                         attn_dropout=e.attn_dropout, dtype=dtype_from_name(config.compute_dtype),
+                         attn_dropout=e.attn_dropout, patch_size=e.patch_size, dtype=dtype_from_name(config.compute_dtype),
                          remat=bool(config.remat), rngs=rngs)
