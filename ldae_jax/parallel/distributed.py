@@ -224,3 +224,14 @@ def maybe_initialize(dist_config: Any, env: Mapping[str, str] | None = None) -> 
   d = info(True, reason)
   _log(d)
   return d
+
+
+def barrier(name: str) -> None:
+  """Blocks until every process reaches `name`; a no-op in a single-process run.
+
+  Used where process 0 alone writes files that the others then read (the synthetic cohort, the latent
+  shards): without it a fast process would read a half-written or absent folder.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

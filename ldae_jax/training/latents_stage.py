@@ -5,6 +5,9 @@ and log-variance (not one stochastic sample, §6 bug 10), and, when `config.trai
 the preprocessed image that stage 3's encoder needs beside its latent. The diffusion scale factor is
 1 / std of all train-split mu elements (the reference's 0.8730 belongs to its own autoencoder) and is written
 into every split's metadata together with the autoencoder checkpoint it came from.
+
+In a multi-process run process 0 alone encodes and writes (every process would encode the same scans);
+the others wait at a barrier, then read the scale factor from the shards it wrote.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from ldae_jax.data import shards
+from ldae_jax.parallel import distributed
 from ldae_jax.training import autoencoder_stage
 from ldae_jax.training import loop
 from ldae_jax.training import volumes
@@ -40,14 +44,28 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, **unused:
   graphdef, state = nnx.split(ae)
   encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_moments(x))
   split_records = volumes.splits(config, workdir)
-  bs = max(1, int(config.train.latents_batch_size))
+  if not split_records["train"]:
+    raise ValueError("the train split is empty; nothing to compute the scale factor from (check the manifest).")
   source = str(pathlib.Path(workdir) / autoencoder_stage.NAME / "checkpoints" / str(ae_step))
+  counts = {split: len(split_records[split]) for split in SPLITS}
+  if jax.process_index() == 0:
+    scale = _encode_and_write(encode, state, split_records, config, workdir, source)
+  distributed.barrier(f"latents written to {shard_root(workdir)}")
+  if jax.process_index() != 0:
+    scale = shards.read_metadata(shard_root(workdir) / "train")["scale_factor"]
+  summary = {"stage": NAME, "steps": 0, "final_loss": None, "scale_factor": scale, "scans": counts,
+             "source_checkpoint": source, "wall_seconds": time.perf_counter() - t0, "compile_seconds": 0.0,
+             "samples_per_s": sum(counts.values()) / max(time.perf_counter() - t0, 1e-9)}
+  loop.finish_stage(sdir, summary)
+  return summary
+
+
+def _encode_and_write(encode, state, split_records, config, workdir, source: str) -> float:
+  """Writes every split's shards; returns the scale factor (1 / std of the train split's mu)."""
+  bs = max(1, int(config.train.latents_batch_size))
   scale = None
-  counts = {}
-  writer_proc = jax.process_index() == 0
   for split in SPLITS:  # train first: its mu statistics give the scale factor written into every split
     records = split_records[split]
-    counts[split] = len(records)
     if not records:
       continue
     meta = {"scale_factor": scale, "source_checkpoint": source, "split": split,
@@ -66,8 +84,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, **unused:
                      age=float(r.age))
           if config.train.latents_store_images:
             rec["image"] = images[j]
-          if writer_proc:
-            writer.write(rec)
+          writer.write(rec)
       if split == "train":
         std = writer.stats()["mu"]["std"]
         if not np.isfinite(std) or std <= 0:
@@ -76,10 +93,4 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, **unused:
         scale = 1.0 / std
         writer.metadata["scale_factor"] = scale
     print(f"[latents] {split}: {len(records)} scans -> {shard_root(workdir) / split}", flush=True)
-  if scale is None:
-    raise ValueError("the train split is empty; nothing to compute the scale factor from (check the manifest).")
-  summary = {"stage": NAME, "steps": 0, "final_loss": None, "scale_factor": scale, "scans": counts,
-             "source_checkpoint": source, "wall_seconds": time.perf_counter() - t0, "compile_seconds": 0.0,
-             "samples_per_s": sum(counts.values()) / max(time.perf_counter() - t0, 1e-9)}
-  loop.finish_stage(sdir, summary)
-  return summary
+  return scale

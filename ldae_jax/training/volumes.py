@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from ldae_jax.data import manifest as mf
+from ldae_jax.parallel import distributed
 
 # Below this many bytes the preprocessed volumes are decoded once and kept in memory (a small cohort on a CPU
 # would otherwise spend most of each step re-reading NIfTI files).
@@ -22,7 +23,8 @@ PRELOAD_LIMIT_BYTES = 1 << 30
 
 
 def manifest_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
-  """`config.data.manifest`, or the synthetic cohort in `DIR/cohort` (generated on first use)."""
+  """`config.data.manifest`, or the synthetic cohort in `DIR/cohort` (generated on first use, by process 0
+  while the others wait)."""
   if config.data.manifest:
     path = pathlib.Path(config.data.manifest)
     if not path.is_file():
@@ -33,13 +35,15 @@ def manifest_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
   wanted = synthetic_cohort_args(config)
   existing, meta_path = out / "manifest.csv", out / "cohort.json"
   if existing.is_file() and meta_path.is_file():
-    check_cohort_matches(meta_path, wanted)
-    return existing
-  from ldae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  # No cohort.json (written last) means an interrupted generation: regenerate, every file is rewritten.
-  print(f"config.data.manifest is empty: generating a synthetic cohort of {wanted['subjects']} "
-        f"subjects into {out}", flush=True)
-  return pathlib.Path(synthetic.generate_cohort(out, **wanted))
+    check_cohort_matches(meta_path, wanted)  # every process: a mismatch fails everywhere, not at the barrier
+  elif jax.process_index() == 0:
+    from ldae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    # No cohort.json (written last) means an interrupted generation: regenerate, every file is rewritten.
+    print(f"config.data.manifest is empty: generating a synthetic cohort of {wanted['subjects']} "
+          f"subjects into {out}", flush=True)
+    synthetic.generate_cohort(out, **wanted)
+  distributed.barrier(f"synthetic cohort in {out}")
+  return existing
 
 
 def synthetic_cohort_args(config: ml_collections.ConfigDict) -> dict:
