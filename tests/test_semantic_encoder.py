@@ -177,3 +177,24 @@ def test_patch_size_keeps_the_feature_maps_of_a_finer_image():
     ConvNeXt(dims=(4, 8), depths=(1, 1), patch_size=0, rngs=nnx.Rngs(0))
   with pytest.raises(ConversionError, match="patch_size=1"):
     conv_e.import_torchvision_convnext({}, coarse)
+
+
+def test_random_init_has_no_degenerate_layernorm_on_background():
+  """A skull-stripped slice is mostly exact zeros. With torchvision's zero stem bias those patches reach the
+  stem LayerNorm as all-zero vectors and the gradient is scaled by 1/sqrt(eps) per LayerNorm; the random
+  stem bias keeps the gradient of a half-background image on the scale of a textured one."""
+  textured = jax.random.uniform(jax.random.key(0), (2, 32, 40, 1))
+  half_background = textured.at[:, :, 20:, :].set(0.0)
+  r = jax.random.normal(jax.random.key(1), (2, 16))
+
+  def grad_norm(model, x):
+    g = nnx.grad(lambda m: jnp.sum(m(x) * r))(model)
+    return float(jnp.sqrt(sum(jnp.sum(v.get_value() ** 2) for _, v in nnx.to_flat_state(g))))
+
+  model = ConvNeXt(dims=(8, 16), depths=(1, 1), rngs=nnx.Rngs(0))
+  stem_bias = model.features[0][0].bias
+  assert float(jnp.std(stem_bias[...])) > 0.05  # U(+-1/4) for a 1x4x4 kernel
+  ratio = grad_norm(model, half_background) / grad_norm(model, textured)
+  assert ratio < 10.0, ratio
+  stem_bias[...] = jnp.zeros_like(stem_bias[...])  # torchvision's init: the pathology this avoids
+  assert grad_norm(model, half_background) / grad_norm(model, textured) > 1e3

@@ -20,8 +20,14 @@ fraction of one patch.
 The Flax names mirror torchvision's keys: `features.1.0.block.3.weight` is `features[1][0].block_3.kernel`,
 `features.0.0.weight` is `features[0][0].kernel`, `classifier.0.weight` is `classifier_0.scale`; see
 `ldae_jax.convert.semantic_encoder.convnext_key_map`. Initialisation follows torchvision (truncated normal
-std 0.02 for conv/linear weights, zero biases, layer scale 1e-6); Flax truncates at 2 std where torch
-truncates at +-2 absolute, which for std 0.02 is immaterial.
+std 0.02 for conv/linear weights, zero biases, layer scale 1e-6; Flax truncates at 2 std where torch
+truncates at +-2 absolute, which for std 0.02 is immaterial) except for the stem's bias, which starts from
+PyTorch's default U(+-1/sqrt(fan_in)). With torchvision's zero bias, every patch of background (exact zeros,
+~80 % of a skull-stripped slice) leaves the stem as an all-zero vector, the LayerNorm after it divides by
+sqrt(eps) = 1e-3, and so does every later LayerNorm those positions pass: the encoder's gradient at
+initialisation measured 4e13 (quickstart encoder, 4 scans), nearly all on the stem bias, where a random
+bias gives 3e3. Under global-norm clipping such a step moves only that bias and starves everything else.
+The reference never meets this: its backbone starts from ImageNet weights, whose stem bias is non-zero.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from ldae_jax.models.init import torch_bias_init
 
 _w_init = nnx.initializers.truncated_normal(stddev=0.02)
 _zeros = nnx.initializers.zeros_init()
@@ -43,9 +51,9 @@ def _layer_norm(ch: int, dtype, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerN
 
 
 def _conv2d(in_ch: int, out_ch: int, k: int, *, stride: int = 1, padding="VALID", groups: int = 1, dtype,
-            rngs: nnx.Rngs) -> nnx.Conv:
+            rngs: nnx.Rngs, bias_init=_zeros) -> nnx.Conv:
   return nnx.Conv(in_ch, out_ch, (k, k), strides=(stride, stride), padding=padding, feature_group_count=groups,
-                  kernel_init=_w_init, bias_init=_zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                  kernel_init=_w_init, bias_init=bias_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def stochastic_depth(x: jax.Array, p: float, key: jax.Array | None) -> jax.Array:
@@ -113,7 +121,10 @@ class ConvNeXt(nnx.Module):
       raise ValueError(f"config.encoder.patch_size={patch_size} must be a positive integer (torchvision: 4).")
     self.patch_size = patch_size
     probs = iter(drop_probabilities(depths, stochastic_depth_prob))
-    features: list = [nnx.List([_conv2d(in_channels, dims[0], patch_size, stride=patch_size, dtype=dtype, rngs=rngs),
+    # Stem bias: PyTorch's default U(+-1/sqrt(fan_in)), not torchvision's zeros (see the module docstring).
+    stem = _conv2d(in_channels, dims[0], patch_size, stride=patch_size, dtype=dtype, rngs=rngs,
+                   bias_init=torch_bias_init(in_channels * patch_size * patch_size))
+    features: list = [nnx.List([stem,
                                 _layer_norm(dims[0], dtype, rngs)])]
     kinds = ["stem"]
     for i, (dim, depth) in enumerate(zip(dims, depths)):
