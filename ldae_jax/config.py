@@ -78,7 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.encoder.num_heads = 8
   c.encoder.seq_len = 128  # number of axial slices = image_shape[2]
   c.encoder.attn_dropout = 0.1
-  # ConvNeXt stem kernel = stride (torchvision: 4). Scale it with the image spacing: 1.5 mm -> 4, 6 mm -> 1.
+  # ConvNeXt stem kernel = stride (torchvision: 4; ImageNet weights need 4). The paper's feature-map sizes
+  # come from 4 at 1.5 mm and from 1 at 6 mm (see ldae_jax/models/convnext.py).
   c.encoder.patch_size = 4
   c.encoder.pretrained_convnext = ""  # optional torchvision ConvNeXt state dict (.pth / converted .npz)
 
@@ -142,7 +143,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.representation.reference_ema_per_microbatch = False
   # Multiplies the semantic encoder's step size (1 = the reference: one lr for every group). The reference's
   # backbone starts from ImageNet weights; a randomly initialised one trained at a high lr can collapse to
-  # a near-constant code (docs/fidelity.md, "Encoder collapse in short runs").
+  # a near-constant code (docs/fidelity.md, "The semantic encoder in short runs from random weights").
   c.train.representation.encoder_lr_scale = 1.0
   c.train.latents_batch_size = 4
   c.train.latents_records_per_shard = 256

@@ -13,9 +13,9 @@ blocks of all stages, as in torchvision. The stem takes `in_channels` (1: graysc
 
 `patch_size` (default 4, torchvision's and the reference's) is the stem's kernel and stride. The paper's
 128x160 slices give 32x40 -> 16x20 -> 8x10 -> 4x5 feature maps; a volume resampled k times coarser needs a
-patch k times smaller to keep those maps (and the anatomy each position sees): the quickstart's 6 mm slices
-(32x40) use patch 1. With patch 4 they would shrink to 1x1 by the last stage, where a hippocampus is a
-fraction of one patch.
+patch k times smaller to keep those maps (and the anatomy each position sees): 6 mm slices (32x40) need patch
+1, or they shrink to 1x1 by the last stage. The quickstart keeps 4 all the same: at 6 mm patch 1 trained 4.5x
+slower and did not improve its probes (docs/fidelity.md).
 
 The Flax names mirror torchvision's keys: `features.1.0.block.3.weight` is `features[1][0].block_3.kernel`,
 `features.0.0.weight` is `features[0][0].kernel`, `classifier.0.weight` is `classifier_0.scale`; see
