@@ -7,32 +7,23 @@ import jax
 import numpy as np
 import pytest
 
-from ldae_jax.config import default_config, validate
+from ldae_jax.config import validate
 from ldae_jax.data import shards
 from ldae_jax.training import latents_stage, loop, pipeline
+from test_training import tiny_config
 
 
 def tiny_pipeline_config():
-  c = default_config()
-  c.data.image_shape = (32, 40, 32)  # the smallest grid the synthetic brain fits at 6 mm
+  c = tiny_config()  # test_training's tiny networks, on the smallest grid the synthetic brain fits at 6 mm
+  c.data.image_shape = (32, 40, 32)
   c.data.spacing_mm = 6.0
   c.data.synthetic.subjects = 6
   c.data.val_fraction = 0.2
   c.data.test_fraction = 0.2
   c.autoencoder.channels = (4, 4, 4)
   c.autoencoder.num_res_blocks = 1
-  c.autoencoder.norm_groups = 2
   c.discriminator.num_layers = 1
   c.discriminator.channels = 4
-  c.unet.base_channels = 4
-  c.unet.channel_mult = (1,)
-  c.unet.num_res_blocks = 1
-  c.unet.attention_resolutions = ()
-  c.unet.norm_groups = 2
-  c.encoder.dims = (4, 8)
-  c.encoder.depths = (1, 1)
-  c.encoder.emb_dim = 8
-  c.encoder.num_heads = 2
   c.encoder.seq_len = 32
   c.encoder.patch_size = 2
   for s, batch in ((c.train.autoencoder, 2), (c.train.ldm, 4), (c.train.representation, 2)):
