@@ -50,8 +50,9 @@ def probe_markdown(results: dict[str, dict]) -> str:
   if all("known_factors" in r for r in results.values()):
     md += "\n" + probes.format_factor_table({n: r["known_factors"] for n, r in results.items()})
   spread = ", ".join(f"{n} {r['code_spread']:.2g}" for n, r in results.items())
-  return md + (f"\nCode spread (std across scans / RMS of the codes): {spread}. Near 0 the encoder has collapsed "
-               "to an almost constant code: a probe may still read it, but decoding barely depends on it.\n")
+  return md + (f"\nCode spread (std across scans / RMS of the codes): {spread}. A trained spread far below the "
+               "untrained encoder's means the encoder has collapsed towards a constant code: a probe may still "
+               "read it, but decoding barely depends on it.\n")
 
 
 # Generative factors of the synthetic cohort (`cohort/ground_truth.csv`) whose linear read-out the report shows.
