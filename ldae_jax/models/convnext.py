@@ -124,8 +124,7 @@ class ConvNeXt(nnx.Module):
     # Stem bias: PyTorch's default U(+-1/sqrt(fan_in)), not torchvision's zeros (see the module docstring).
     stem = _conv2d(in_channels, dims[0], patch_size, stride=patch_size, dtype=dtype, rngs=rngs,
                    bias_init=torch_bias_init(in_channels * patch_size * patch_size))
-    features: list = [nnx.List([stem,
-                                _layer_norm(dims[0], dtype, rngs)])]
+    features: list = [nnx.List([stem, _layer_norm(dims[0], dtype, rngs)])]
     kinds = ["stem"]
     for i, (dim, depth) in enumerate(zip(dims, depths)):
       features.append(nnx.List([CNBlock(dim, next(probs), layer_scale=layer_scale, dtype=dtype, rngs=rngs)

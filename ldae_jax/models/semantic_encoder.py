@@ -173,5 +173,5 @@ def build_encoder(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Semantic
   e = config.encoder
   return SemanticEncoder(dims=tuple(e.dims), depths=tuple(e.depths), stochastic_depth=e.stochastic_depth,
                          emb_dim=e.emb_dim, num_heads=e.num_heads, seq_len=e.seq_len,
-                         attn_dropout=e.attn_dropout, patch_size=e.patch_size, dtype=dtype_from_name(config.compute_dtype),
-                         remat=bool(config.remat), rngs=rngs)
+                         attn_dropout=e.attn_dropout, patch_size=e.patch_size,
+                         dtype=dtype_from_name(config.compute_dtype), remat=bool(config.remat), rngs=rngs)
