@@ -77,7 +77,8 @@ def _factor_table(truth, scan_ids, split) -> dict[str, np.ndarray]:
 
 
 def _save_codes(path: pathlib.Path, codes: dict[str, dict[str, dict[str, np.ndarray]]]) -> None:
-  """`codes.npz`: `<encoder>/<split>/<field>` arrays (codes, diagnosis, age, subject), for analyses of one's own."""
+  """`codes.npz`: `<encoder>/<split>/<field>` arrays (codes, diagnosis, age, subject, scan_id), for analyses
+  of one's own."""
   flat = {f"{enc}/{split}/{k}": np.asarray(v) for enc, by_split in codes.items()
           for split, d in by_split.items() for k, v in d.items()}
   buf = io.BytesIO()
