@@ -81,6 +81,14 @@ def default_config() -> ml_collections.ConfigDict:
   # ConvNeXt stem kernel = stride (torchvision: 4; ImageNet weights need 4). The paper's feature-map sizes
   # come from 4 at 1.5 mm and from 1 at 6 mm (see ldae_jax/models/convnext.py).
   c.encoder.patch_size = 4
+  # "none": the reference's code (LayerNorm after the attention pooling). "template": the code minus the code
+  # of the train split's mean image, each dimension standardised across the batch (running statistics when
+  # deterministic), so that the shift branch sees what varies between scans and no code can shrink to a
+  # constant (docs/fidelity.md, "Making the decoder use the code").
+  c.encoder.code_norm = "none"
+  # Running statistics of "batch" (bias-corrected exponential averages, used when deterministic): match the
+  # stage-3 EMA decay, so that they describe the EMA encoder the evaluation uses.
+  c.encoder.code_norm_momentum = 0.999
   c.encoder.pretrained_convnext = ""  # optional torchvision ConvNeXt state dict (.pth / converted .npz)
 
   # Compute: parameters stay float32; activations in `compute_dtype`.
@@ -94,7 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.beta_start = 1e-4
   c.diffusion.beta_end = 0.02
   c.diffusion.clamp_x0 = True  # reference behaviour (PDAE legacy); see docs
-  c.diffusion.clamp_range = 1.0
+  c.diffusion.clamp_range = 1.0  # 0: the largest |scaled latent| of the train split (docs/fidelity.md)
   c.diffusion.pdae_gamma = 0.1
   c.diffusion.scale_factor = 0.0  # 0 = computed from the data at the `latents` stage (1/std)
 
@@ -157,6 +165,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.ssim_kernel = 3
   c.eval.manip_alphas = (-2.5, -1.0, 1.0, 2.5)
   c.eval.num_variations = 4
+  # Numeric manifest columns (e.g. regional volumes) whose ridge read-out from the codes the report shows
+  # beside the probes; a synthetic cohort always reports its own generative factors.
+  c.eval.known_factors = ()
   return c
 
 

@@ -198,3 +198,39 @@ def test_random_init_has_no_degenerate_layernorm_on_background():
   assert ratio < 10.0, ratio
   stem_bias[...] = jnp.zeros_like(stem_bias[...])  # torchvision's init: the pathology this avoids
   assert grad_norm(model, half_background) / grad_norm(model, textured) > 1e3
+
+
+def test_template_code_norm_standardises_relative_codes_and_uses_running_statistics_when_deterministic():
+  small = dict(dims=(8, 16), depths=(1, 1), stochastic_depth=0.0, emb_dim=16, num_heads=2, seq_len=4,
+               attn_dropout=0.0)
+  x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 4, 1))
+  template = jnp.mean(x, axis=0)
+  plain = SemanticEncoder(**small, rngs=nnx.Rngs(0))
+  normed = SemanticEncoder(**small, code_norm="template", code_norm_momentum=0.9, template_shape=(8, 8, 4, 1),
+                           rngs=nnx.Rngs(0))
+  normed.set_template(template)
+  rel = np.asarray(plain(x), np.float64) - np.asarray(plain(template[None]), np.float64)
+  y = normed(x, deterministic=False, rngs=jax.random.key(1))  # the batch's own statistics
+  np.testing.assert_allclose(np.asarray(y), (rel - rel.mean(0)) / rel.std(0), rtol=1e-3, atol=1e-3)
+  assert float(normed.code_norm.weight[...]) == 0.0  # a training forward leaves the running statistics alone
+  normed.update_code_statistics(x)
+  # Bias-corrected: after a single update the running statistics are that batch's, whatever the momentum.
+  np.testing.assert_allclose(np.asarray(normed(x)), (rel - rel.mean(0)) / rel.std(0), rtol=1e-3, atol=1e-3)
+  normed.update_code_statistics(x[:3])
+  normed.update_code_statistics(x[3:])
+  w = 1 - 0.9 ** 3
+  m = (0.9 * 0.1 * rel.mean(0) + 0.1 * rel[:3].mean(0)) * 0.9 + 0.1 * rel[3:].mean(0)
+  np.testing.assert_allclose(float(normed.code_norm.weight[...]), w, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(normed.code_norm.mean[...]), m, rtol=1e-4, atol=1e-6)
+  # The template's own code is the origin.
+  np.testing.assert_allclose(np.asarray(normed(template[None]))[0],
+                             -np.asarray(normed.code_norm.mean[...]) / w / np.sqrt(np.asarray(
+                                 normed.code_norm.var[...]) / w), rtol=1e-3, atol=1e-3)
+  plain.update_code_statistics(x)  # no code norm: nothing to update
+  with pytest.raises(ValueError, match="code_norm"):
+    SemanticEncoder(**small, code_norm="layer", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="code_norm_momentum"):
+    SemanticEncoder(**small, code_norm="template", code_norm_momentum=1.0, template_shape=(8, 8, 4, 1),
+                    rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="template image of shape"):
+    normed.set_template(jnp.zeros((8, 8, 5, 1)))

@@ -29,6 +29,11 @@ from flax import nnx
 from ldae_jax.models.convnext import ConvNeXt
 from ldae_jax.models.init import dtype_from_name, torch_bias_init, torch_kernel_init
 
+CODE_NORMS = ("none", "template")
+# Far below the across-scan variance of even an untrained encoder's code (~1e-4 per dimension): a larger eps
+# would put a floor under the normalised code's scale that a collapsing encoder could hide beneath.
+CODE_NORM_EPS = 1e-10
+
 
 def positional_table(length: int, dim: int) -> np.ndarray:
   """(length, dim) float32: pe[k, 2i] = sin(k w_i), pe[k, 2i+1] = cos(k w_i), w_i = 10000^(-2i/dim).
@@ -100,13 +105,65 @@ class MultiheadAttention(nnx.Module):
     return self.out_proj(out)
 
 
+class CodeNorm(nnx.Module):
+  """The code relative to the template's code, each dimension standardised across the batch (running
+  statistics when deterministic).
+
+  A randomly initialised encoder's code of near-identical registered brains is ~98 % the same vector for every
+  scan, and that common part moves with every optimizer step far more than the codes differ between scans:
+  statistics averaged over past steps would then be offset by more than the signal. The template's code,
+  computed with the same weights in the same pass, removes the common part exactly; what is left varies on
+  the scale of the between-scan differences, and lagging statistics only scale it slightly.
+
+  The running mean and variance are exponential averages with bias correction (as Adam's moments): they start
+  at zero weight instead of a (0, 1) prior, so a short run's deterministic codes are standardised by the data
+  and not by an initial guess that a few hundred steps of momentum 0.99 would not forget. Training calls
+  `update` explicitly (stage 3 does it with the EMA encoder's codes, the ones evaluation standardises).
+  """
+
+  def __init__(self, dim: int, momentum: float, template_shape: tuple[int, ...]):
+    if not 0.0 <= momentum < 1.0:
+      raise ValueError(f"config.encoder.code_norm_momentum={momentum} must be in [0, 1).")
+    self.momentum = momentum
+    # The train split's mean image (X, Y, Z, C), set by stage 3 (`set_template`); its code is subtracted from
+    # every code in the same forward pass.
+    self.template = nnx.BatchStat(jnp.zeros(template_shape, jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((dim,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.zeros((dim,), jnp.float32))
+    self.weight = nnx.BatchStat(jnp.zeros((), jnp.float32))  # 1 - momentum**updates: the bias correction
+
+  @staticmethod
+  def batch_statistics(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    mean = jnp.mean(y, axis=0)
+    return mean, jnp.mean(jnp.square(y - mean), axis=0)
+
+  def update(self, y: jax.Array) -> None:
+    """Moves the running statistics towards the batch statistics of `y` (B, D)."""
+    mean, var = self.batch_statistics(y.astype(jnp.float32))
+    m = self.momentum
+    self.mean[...] = m * self.mean[...] + (1 - m) * mean
+    self.var[...] = m * self.var[...] + (1 - m) * var
+    self.weight[...] = m * self.weight[...] + (1 - m)
+
+  def __call__(self, y: jax.Array, *, use_running_average: bool) -> jax.Array:
+    """Standardised `y`: by the running statistics, or by the batch's own (which leaves them unchanged)."""
+    y = y.astype(jnp.float32)
+    if use_running_average:
+      w = jnp.maximum(self.weight[...], 1e-12)
+      mean, var = self.mean[...] / w, self.var[...] / w
+    else:
+      mean, var = self.batch_statistics(y)
+    return (y - mean) * jax.lax.rsqrt(var + CODE_NORM_EPS)
+
+
 class SemanticEncoder(nnx.Module):
   """(B, X, Y, Z, 1) volume -> y_sem (B, emb_dim). Attribute names mirror the PyTorch module."""
 
   def __init__(self, *, dims=(96, 192, 384, 768), depths=(3, 3, 27, 3), stochastic_depth: float = 0.4,
                emb_dim: int = 768, num_heads: int = 8, seq_len: int = 128, attn_dropout: float = 0.1,
-               in_channels: int = 1, patch_size: int = 4, dtype=jnp.float32, remat: bool = False,
-               rngs: nnx.Rngs):
+               in_channels: int = 1, patch_size: int = 4, code_norm: str = "none",
+               code_norm_momentum: float = 0.999, template_shape: tuple[int, ...] | None = None,
+               dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
     if dims[-1] != emb_dim:
       raise ValueError(f"config.encoder.dims[-1]={dims[-1]} must equal config.encoder.emb_dim={emb_dim}: the "
                        "reference adds an emb_dim-wide positional table to the backbone features.")
@@ -124,6 +181,15 @@ class SemanticEncoder(nnx.Module):
     self.cross_attention = MultiheadAttention(emb_dim, num_heads, attn_dropout, rngs)
     self.layer_norm_after_attention = nnx.LayerNorm(emb_dim, epsilon=1e-5, use_fast_variance=False,
                                                     param_dtype=jnp.float32, dtype=jnp.float32, rngs=rngs)
+    if code_norm not in CODE_NORMS:
+      raise ValueError(f"config.encoder.code_norm={code_norm!r}: one of {CODE_NORMS}.")
+    # "template": the code relative to the train split's mean image, standardised (CodeNorm); "none": the
+    # reference's LayerNorm'd code.
+    self.code_norm = nnx.data(None)
+    if code_norm == "template":
+      if template_shape is None:
+        raise ValueError("code_norm='template' needs template_shape (the (X, Y, Z, C) of the input volumes).")
+      self.code_norm = CodeNorm(emb_dim, code_norm_momentum, tuple(template_shape))
     self.rngs = nnx.Rngs(dropout=rngs.dropout())
 
   def _check(self, volume: jax.Array) -> None:
@@ -141,6 +207,19 @@ class SemanticEncoder(nnx.Module):
     images = jnp.transpose(volume, (0, 3, 1, 2, 4)).reshape(b * z, x, y, c)
     return self.backbone(images, key=key).reshape(b, z, -1)
 
+  def _layer_norm_code(self, volume: jax.Array, keys) -> tuple[jax.Array, dict]:
+    feats = self.slice_features(volume, key=keys[0])
+    seq = feats + jnp.asarray(positional_table(self.seq_len, self.emb_dim)[: feats.shape[1]])
+    seq = _dropout(seq, self.attn_dropout, keys[1])
+    pooled, weights = self.soft_attention(seq)
+    q = self.query_projection(pooled[:, None, :])
+    k = self.key_projection(seq)
+    v = self.value_projection(seq)
+    attn_out = self.cross_attention(q, k, v, keys[2])
+    inter = dict(slice_features=feats, after_positional_encoding=seq, soft_attention_weights=weights,
+                 soft_attention_pooled=pooled, q_proj=q, k_proj=k, v_proj=v, cross_attention_out=attn_out)
+    return self.layer_norm_after_attention(attn_out)[:, 0, :], inter
+
   def forward_with_intermediates(self, volume: jax.Array, *, deterministic: bool = True,
                                  rngs: nnx.Rngs | jax.Array | None = None) -> tuple[jax.Array, dict]:
     """y and every intermediate the reference fixture stores (slice_features, soft_attention_weights, ...)."""
@@ -150,22 +229,32 @@ class SemanticEncoder(nnx.Module):
         rngs = self.rngs
       key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
       keys = list(jax.random.split(key, 3))
-    feats = self.slice_features(volume, key=keys[0])
-    seq = feats + jnp.asarray(positional_table(self.seq_len, self.emb_dim)[: feats.shape[1]])
-    seq = _dropout(seq, self.attn_dropout, keys[1])
-    pooled, weights = self.soft_attention(seq)
-    q = self.query_projection(pooled[:, None, :])
-    k = self.key_projection(seq)
-    v = self.value_projection(seq)
-    attn_out = self.cross_attention(q, k, v, keys[2])
-    y = self.layer_norm_after_attention(attn_out)[:, 0, :]
-    inter = dict(slice_features=feats, after_positional_encoding=seq, soft_attention_weights=weights,
-                 soft_attention_pooled=pooled, q_proj=q, k_proj=k, v_proj=v, cross_attention_out=attn_out)
+    y, inter = self._layer_norm_code(volume, keys)
+    if self.code_norm is not None:  # the template's code: same weights, no dropout
+      y_template, _ = self._layer_norm_code(self.code_norm.template[...][None].astype(volume.dtype), [None] * 3)
+      inter["relative_code"] = y - y_template
+      y = self.code_norm(inter["relative_code"], use_running_average=deterministic)
     return y, inter
 
   def __call__(self, volume: jax.Array, *, deterministic: bool = True,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
     return self.forward_with_intermediates(volume, deterministic=deterministic, rngs=rngs)[0]
+
+  def update_code_statistics(self, volume: jax.Array) -> None:
+    """One update of the code norm's running statistics from the deterministic codes of `volume`."""
+    if self.code_norm is None:
+      return
+    _, inter = self.forward_with_intermediates(volume, deterministic=True)
+    self.code_norm.update(jax.lax.stop_gradient(inter["relative_code"]))
+
+  def set_template(self, image: jax.Array) -> None:
+    """The reference image whose code every code is taken relative to (the train split's mean image)."""
+    if self.code_norm is None:
+      raise ValueError("set_template needs config.encoder.code_norm='template'.")
+    want = self.code_norm.template[...].shape
+    if tuple(image.shape) != tuple(want):
+      raise ValueError(f"template image of shape {tuple(image.shape)}, the encoder's inputs are {tuple(want)}.")
+    self.code_norm.template[...] = jnp.asarray(image, jnp.float32)
 
 
 def build_encoder(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SemanticEncoder:
@@ -173,5 +262,7 @@ def build_encoder(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Semantic
   e = config.encoder
   return SemanticEncoder(dims=tuple(e.dims), depths=tuple(e.depths), stochastic_depth=e.stochastic_depth,
                          emb_dim=e.emb_dim, num_heads=e.num_heads, seq_len=e.seq_len,
-                         attn_dropout=e.attn_dropout, patch_size=e.patch_size,
+                         attn_dropout=e.attn_dropout, patch_size=e.patch_size, code_norm=e.code_norm,
+                         code_norm_momentum=e.code_norm_momentum,
+                         template_shape=tuple(config.data.image_shape) + (1,),
                          dtype=dtype_from_name(config.compute_dtype), remat=bool(config.remat), rngs=rngs)
