@@ -42,9 +42,9 @@ def tiny_config():
   return c
 
 
-def write_shards(workdir: pathlib.Path, n: int = 8, with_images: bool = False) -> None:
-  rng = np.random.default_rng(0)
-  with shards.ShardWriter(workdir / "latents" / "shards" / "train", records_per_shard=4,
+def write_shards(workdir: pathlib.Path, n: int = 8, with_images: bool = False, split: str = "train") -> None:
+  rng = np.random.default_rng(0 if split == "train" else 1)
+  with shards.ShardWriter(workdir / "latents" / "shards" / split, records_per_shard=4,
                           metadata={"scale_factor": 0.75}) as w:
     for i in range(n):
       rec = dict(mu=rng.normal(size=(4, 4, 4, 3)).astype(np.float32), logvar=np.zeros((4, 4, 4, 3), np.float32),
@@ -150,3 +150,67 @@ def test_representation_encoder_lr_scale_scales_only_encoder_updates():
   assert float(jnp.abs(base["encoder"]["w"]).min()) > 0
   with pytest.raises(ValueError, match="encoder_lr_scale"):
     representation_stage.make_optimizer(ml_collections.ConfigDict(dict(cfg, encoder_lr_scale=0.0)))
+
+
+def test_heldout_metrics_are_logged_and_code_norm_statistics_move(tmp_path):
+  """Stage 2 logs its EMA UNet's eps error on validation latents by timestep; stage 3 logs the code-swap gap on
+  validation scans, and with code_norm="batch" its running statistics follow the training batches."""
+  c = tiny_config()
+  write_shards(tmp_path, with_images=True)
+  write_shards(tmp_path, n=4, with_images=True, split="val")
+  summary = ldm_stage.run(c, tmp_path)
+  assert set(summary["heldout"]) == {"eps"} | {f"eps_t{t}" for t in (25, 100, 250, 475, 700, 900)}
+  logged = loop.read_metrics(tmp_path / "ldm")
+  assert all("heldout_eps_t475" in m for m in logged)
+  assert "plateau" in ldm_stage.plateau_note(logged) or "too few" in ldm_stage.plateau_note(logged)
+  c.stage = "representation"
+  c.encoder.code_norm = "template"
+  c.encoder.stochastic_depth = 0.0
+  c.encoder.attn_dropout = 0.0
+  r = c.train.representation
+  r.batch_size, r.grad_accum, r.steps, r.log_every, r.checkpoint_every = 2, 1, 2, 1, 2
+  summary = representation_stage.run(c, tmp_path)
+  assert set(summary["heldout"]) == {"code_gap", "g_gain", "code_spread"}
+  assert all(np.isfinite(v) for v in summary["heldout"].values())
+  from ldae_jax.training.checkpoint import Checkpointer
+  spec = representation_stage.build(c, tmp_path)
+  ck = Checkpointer(tmp_path / "representation" / "checkpoints")
+  state, _ = ck.restore(spec.state)
+  ck.close()
+  stats = state.rest["encoder"]["code_norm"]
+  train_images = shards.read_all(tmp_path / "latents" / "shards" / "train", ("image",))["image"]
+  np.testing.assert_allclose(np.asarray(stats["template"]), train_images.mean(0), rtol=1e-5, atol=1e-6)
+  # Two updates (one per step) from the EMA encoder's codes, bias-corrected weight 1 - m^2.
+  m = c.encoder.code_norm_momentum
+  np.testing.assert_allclose(float(stats["weight"]), 1 - m ** 2, rtol=1e-5)
+  assert float(np.abs(np.asarray(stats["mean"])).max()) > 0 and float(np.asarray(stats["var"]).min()) > 0
+
+
+def test_ldm_plateau_note():
+  falling = [{"step": s, "heldout_eps": 1.0 / s} for s in range(10, 110, 10)]
+  flat = [{"step": s, "heldout_eps": 0.5} for s in range(10, 110, 10)]
+  assert "NOT at a plateau" in ldm_stage.plateau_note(falling)
+  assert "at a plateau" in ldm_stage.plateau_note(flat) and "NOT" not in ldm_stage.plateau_note(flat)
+  assert "too few" in ldm_stage.plateau_note(flat[:1])
+
+
+def test_pretrained_convnext_initialises_the_stage3_backbone(tmp_path, load_fixture):
+  """config.encoder.pretrained_convnext (a torchvision state dict) is what the stage-3 encoder starts from."""
+  from flax import nnx
+  from ldae_jax.models.semantic_encoder import SemanticEncoder
+  z = load_fixture("semantic_encoder_tiny")
+  tv = {k[len("param/backbone.backbone."):]: v for k, v in z.items() if k.startswith("param/backbone.backbone.")}
+  tv["features.0.0.weight"] = np.repeat(tv["features.0.0.weight"], 3, axis=1) / 3.0  # an RGB stem
+  np.savez(tmp_path / "convnext.npz", **tv)
+  model = SemanticEncoder(dims=(16, 32, 64, 128), depths=(2, 2, 2, 2), emb_dim=128, num_heads=8, seq_len=16,
+                          rngs=nnx.Rngs(0))
+  before = np.asarray(model.backbone.features[1][0].block_3.kernel[...]).copy()
+  representation_stage.init_backbone(model, str(tmp_path / "convnext.npz"))
+  after = np.asarray(model.backbone.features[1][0].block_3.kernel[...])
+  np.testing.assert_array_equal(after, tv["features.1.0.block.3.weight"].T)
+  assert not np.array_equal(before, after)
+  np.testing.assert_allclose(np.asarray(model.backbone.features[0][0].kernel[...])[..., 0, :],
+                             z["param/backbone.backbone.features.0.0.weight"][:, 0].transpose(1, 2, 0), rtol=1e-5)
+  representation_stage.init_backbone(model, "")  # empty: nothing loaded, no error
+  with pytest.raises(FileNotFoundError, match="pretrained_convnext"):
+    representation_stage.init_backbone(model, str(tmp_path / "missing.pth"))

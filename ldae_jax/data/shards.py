@@ -646,3 +646,17 @@ def read_all(shard_dir: str | os.PathLike, fields: Iterable[str] | None = None,
       for f in fields:
         out[f].append(rec[f])
   return {f: np.stack(v) for f, v in out.items()}
+
+
+def field_mean(shard_dir: str | os.PathLike, field: str, chunk: int = 64) -> np.ndarray:
+  """Element-wise mean of one field over every record (float64 accumulation, float32 result), read in chunks
+  so that a paper-size split of images never has to fit in memory at once."""
+  ds = LatentDataset(shard_dir, (field,), verify_checksums=False)
+  if len(ds) == 0:
+    raise ValueError(f"{shard_dir}: no records to average.")
+  total = None
+  for start in range(0, len(ds), chunk):
+    for rec in ds.__getitems__(range(start, min(start + chunk, len(ds)))):
+      v = np.asarray(rec[field], np.float64)
+      total = v if total is None else total + v
+  return (total / len(ds)).astype(np.float32)

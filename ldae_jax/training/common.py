@@ -37,6 +37,8 @@ class StageSpec:
     batch_shapes: `{field: jax.ShapeDtypeStruct}` of one *global* batch (for AOT compilation).
     samples_per_step: examples consumed per optimizer step (global batch x accumulation).
     extra_summary: stage facts for summary.json (parameter counts, scale factor, ...).
+    heldout_fn: optional pure `state -> {name: scalar}` on a fixed held-out batch, logged (prefixed
+      `heldout_`) at every log step so that a run that stops learning what it is for shows it early.
   """
   name: str
   state: TrainState
@@ -45,6 +47,7 @@ class StageSpec:
   batch_shapes: dict[str, jax.ShapeDtypeStruct]
   samples_per_step: int
   extra_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+  heldout_fn: Callable[[TrainState], dict] | None = None
 
 
 def stage_dir(workdir: str | os.PathLike, name: str) -> pathlib.Path:
@@ -89,6 +92,7 @@ def train_stage(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
     print(f"[{spec.name}] resumed from {ckpt.directory}/{start}", flush=True)
     logging.info("resumed %s at step %d", spec.name, start)
   fields = tuple(spec.batch_shapes)
+  heldout = None if spec.heldout_fn is None else jax.jit(spec.heldout_fn, out_shardings=replicated)
 
   def to_device(host_batch):
     return pmesh.global_batch_from_local({k: host_batch[k] for k in fields}, data_sharding)
@@ -98,7 +102,7 @@ def train_stage(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
         name=spec.name, stage_dir=sdir, step_fn=compiled, state=state, iterator=iterator, to_device=to_device,
         ckpt=ckpt, total_steps=int(cfg.steps), log_every=max(1, int(cfg.log_every)),
         checkpoint_every=max(1, int(cfg.checkpoint_every)), samples_per_step=spec.samples_per_step,
-        compile_seconds=compiled.seconds, start_step=start, stop_at=stop_at,
+        compile_seconds=compiled.seconds, start_step=start, stop_at=stop_at, heldout_fn=heldout,
         extra_summary={"mesh": dict(mesh.shape), "num_devices": int(mesh.devices.size),
                        "trainable_parameters": count_params(state.params), **spec.extra_summary})
   finally:

@@ -20,12 +20,14 @@ import optax
 from flax import nnx
 
 from ldae_jax.data import shards
-from ldae_jax.diffusion import losses
+from ldae_jax.diffusion import code_use, losses
 from ldae_jax.diffusion.schedule import make_schedule
 from ldae_jax.training import common
+from ldae_jax.training import loop
 from ldae_jax.training import state as st
 
 NAME = "ldm"
+HELDOUT_SCANS = 32  # validation latents the held-out eps error is measured on at every log step
 
 
 def shard_dir(workdir: str | os.PathLike, split: str = "train") -> pathlib.Path:
@@ -72,6 +74,56 @@ def make_step(graphdef, rng_state, tx: optax.GradientTransformation, sched, scal
   return st.make_train_step(loss_fn, tx, accum=accum, ema_decay=decay)
 
 
+def heldout_latents(workdir: str | os.PathLike, n: int, fields: tuple[str, ...] = ("mu",)) -> dict | None:
+  """The first `n` validation records (None when the run has no validation split)."""
+  vdir = shard_dir(workdir, "val")
+  if not (vdir / shards.METADATA_FILE).is_file():
+    return None
+  data = shards.read_all(vdir, fields)
+  return {k: v[:n] for k, v in data.items()} if len(data[fields[0]]) else None
+
+
+def make_heldout_eps_fn(graphdef, rng_state, sched, scale: float, mu: np.ndarray,
+                        timesteps=code_use.DEFAULT_TIMESTEPS):
+  """`state -> {eps_t<t>: MSE, eps: mean}`: the EMA UNet's eps error on fixed validation latents and noise at
+  fixed timesteps (the stage's held-out plateau; stage 3 builds on these weights)."""
+  z0 = jnp.asarray(mu, jnp.float32) * scale
+  ts = jnp.asarray(np.asarray(timesteps, np.int32))
+
+  def fn(state):
+    params = state.ema if state.ema is not None else state.params
+    model = st.merge_model(graphdef, params, rng_state, state.rest)
+
+    def one(k_t):
+      k, t = k_t
+      noise = jax.random.normal(jax.random.fold_in(jax.random.key(0), k), z0.shape, jnp.float32)
+      tt = jnp.full((z0.shape[0],), t, jnp.int32)
+      return losses.eps_loss(model(losses.q_sample(sched, z0, tt, noise), tt, deterministic=True), noise)
+
+    errs = jax.lax.map(one, (jnp.arange(len(timesteps)), ts))
+    return {"eps": jnp.mean(errs), **{f"eps_t{t}": errs[i] for i, t in enumerate(timesteps)}}
+
+  return fn
+
+
+def plateau_note(metrics: list[dict[str, float]], key: str = "heldout_eps", window: float = 0.25,
+                 tolerance: float = 0.02) -> str:
+  """Whether `key` still fell by more than `tolerance` (relative) over the last `window` of the logged steps."""
+  vals = [(m["step"], m[key]) for m in metrics if key in m]
+  label = key.replace("heldout_", "held-out ")
+  if len(vals) < 3:
+    return f"{label}: too few log points to judge a plateau"
+  last_step = vals[-1][0]
+  ref = [v for s, v in vals if s <= last_step * (1 - window)]
+  if not ref:
+    return f"{label}: too few log points to judge a plateau"
+  drop = (ref[-1] - vals[-1][1]) / ref[-1]
+  verdict = ("still falling: NOT at a plateau yet, more steps would help (config.train.ldm.steps)"
+             if drop > tolerance else "at a plateau")
+  return (f"{label} {ref[-1]:.4g} -> {vals[-1][1]:.4g} over the last {int(window * 100)} % of the steps "
+          f"({100 * drop:+.1f} %): {verdict}")
+
+
 def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> common.StageSpec:
   from ldae_jax.models import build_unet  # pylint: disable=g-import-not-at-top
   cfg = config.train.ldm
@@ -90,15 +142,20 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
     return shards.make_iterator(sdir, global_batch_size=gbs, seed=int(config.seed), shuffle=True, repeat=True,
                                 drop_remainder=True, fields=("mu",), num_workers=int(config.data.num_workers))
 
+  val = heldout_latents(workdir, HELDOUT_SCANS)
   return common.StageSpec(
       name=NAME, state=state, step_fn=make_step(graphdef, rng_state, tx, sched, scale, cfg),
       make_iterator=make_iterator, batch_shapes={"mu": jax.ShapeDtypeStruct((gbs,) + shape, jnp.float32)},
-      samples_per_step=gbs, extra_summary={"scale_factor": scale, "train_records": int(meta["count"])})
+      samples_per_step=gbs, extra_summary={"scale_factor": scale, "train_records": int(meta["count"])},
+      heldout_fn=None if val is None else make_heldout_eps_fn(graphdef, rng_state, sched, scale, val["mu"]))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mesh=None,
         stop_at: int | None = None) -> dict[str, Any] | None:
-  return common.train_stage(build(config, workdir), config, workdir, mesh=mesh, stop_at=stop_at)
+  summary = common.train_stage(build(config, workdir), config, workdir, mesh=mesh, stop_at=stop_at)
+  if summary is not None and jax.process_index() == 0:
+    print(f"[{NAME}] {plateau_note(loop.read_metrics(common.stage_dir(workdir, NAME)))}", flush=True)
+  return summary
 
 
 def ema_unet_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tuple[Any, int]:

@@ -101,7 +101,8 @@ def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyT
               state: PyTree, iterator: Iterator, to_device: Callable[[Any], PyTree], ckpt: Checkpointer,
               total_steps: int, log_every: int, checkpoint_every: int, samples_per_step: int,
               compile_seconds: float, start_step: int, stop_at: int | None = None,
-              extra_summary: dict[str, Any] | None = None) -> tuple[PyTree, dict[str, Any] | None]:
+              extra_summary: dict[str, Any] | None = None,
+              heldout_fn: Callable[[PyTree], dict] | None = None) -> tuple[PyTree, dict[str, Any] | None]:
   """Runs steps `start_step .. total_steps-1`; returns (state, summary) (summary None when stopped early).
 
   Args:
@@ -110,6 +111,8 @@ def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyT
     to_device: host batch -> global jax.Arrays on the batch sharding.
     stop_at: stop after this step (checkpointing it) without writing the summary, as a preemption would;
       used by the resume tests.
+    heldout_fn: `state -> {name: scalar}` on a fixed held-out batch, run at every log step; its values are
+      logged as `heldout_<name>` and the last ones go into the summary.
   """
   stage_dir = pathlib.Path(stage_dir)
   writer = MetricsWriter(stage_dir, resume_step=start_step)
@@ -130,7 +133,9 @@ def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyT
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         samples_per_s = n_window * samples_per_step / max(now - t_window, 1e-9)
-        t_window, n_window = now, 0
+        if heldout_fn is not None:  # after the throughput window: its cost is not training time
+          last.update({f"heldout_{k}": float(v) for k, v in jax.device_get(heldout_fn(state)).items()})
+        t_window, n_window = time.perf_counter(), 0
         if not all(math.isfinite(v) for v in last.values()):
           raise FloatingPointError(f"{name}: non-finite metrics at step {done}: {last}; lower "
                                    f"config.train.{name}.lr or check the data.")
@@ -152,6 +157,7 @@ def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyT
       "steps_this_run": int(steps_run),
       "final_loss": last.get("loss"),
       "final_metrics": last,
+      "heldout": {k[len("heldout_"):]: v for k, v in last.items() if k.startswith("heldout_")},
       "samples_per_s": (steps_run * samples_per_step / wall) if steps_run else None,
       "compile_seconds": float(compile_seconds),
       "wall_seconds": float(wall),

@@ -16,17 +16,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
 from ldae_jax.data import shards
-from ldae_jax.diffusion import losses
+from ldae_jax.diffusion import code_use, losses
 from ldae_jax.diffusion.schedule import make_schedule
 from ldae_jax.training import common
 from ldae_jax.training import ldm_stage
 from ldae_jax.training import state as st
 
 NAME = "representation"
+HELDOUT_SCANS = 16  # validation scans the code-use gap is measured on at every log step
+HELDOUT_TIMESTEPS = (100, 250, 475, 700)
 SHIFT_TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("unet")))
 
 
@@ -44,6 +47,20 @@ def load_frozen_unet(shift_unet: nnx.Module, config: ml_collections.ConfigDict, 
   return step
 
 
+def init_backbone(encoder: nnx.Module, path: str) -> None:
+  """Loads `config.encoder.pretrained_convnext` (a torchvision ConvNeXt state dict, the paper's ImageNet
+  initialisation) into the encoder's backbone; an empty path keeps the random initialisation."""
+  if not path:
+    return
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config.encoder.pretrained_convnext={path!r} does not exist: give a torchvision "
+                            "ConvNeXt state dict (.pth, or .npz of its arrays), or leave it empty to start the "
+                            "encoder from random weights.")
+  from ldae_jax.convert import semantic_encoder as convert_encoder  # pylint: disable=g-import-not-at-top
+  report = convert_encoder.load_pretrained_convnext(path, encoder)
+  print(f"[{NAME}] encoder backbone initialised from {path} ({report.consumed} tensors)", flush=True)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The stage optimizer over {'shift', 'encoder'}, the encoder's updates scaled by `cfg.encoder_lr_scale`."""
   tx = st.make_optimizer(cfg)
@@ -56,12 +73,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
 
 
 def make_step(s_def, s_rngs, e_def, e_rngs, tx: optax.GradientTransformation, sched, scale: float,
-              cfg: ml_collections.ConfigDict):
+              cfg: ml_collections.ConfigDict, code_norm_enabled: bool = False):
   """Pure stage-3 step; batch = {'mu': (B*accum, x, y, z, C), 'image': (B*accum, X, Y, Z, 1)}."""
   accum = int(cfg.grad_accum)
   decay = float(cfg.ema_decay)
   ema_updates = accum if cfg.reference_ema_per_microbatch else 1
   timesteps = int(sched.num_timesteps)
+  code_norm = e_def is not None and code_norm_enabled
 
   def loss_fn(params, rest, batch, key):
     shift = st.merge_model(s_def, params["shift"], s_rngs, rest["shift"])
@@ -74,7 +92,43 @@ def make_step(s_def, s_rngs, e_def, e_rngs, tx: optax.GradientTransformation, sc
     eps, g = shift(losses.q_sample(sched, z0, t, noise), t, y, deterministic=False, rngs=nnx.Rngs(dropout=k_s))
     return losses.pdae_loss(eps, g, noise, t, sched)
 
-  return st.make_train_step(loss_fn, tx, accum=accum, ema_decay=decay, ema_updates=ema_updates)
+  def refresh_code_statistics(weights, rest, batch):
+    # The code norm standardises training batches by their own statistics; its running statistics serve the
+    # evaluation, which uses the EMA encoder, so they are the EMA encoder's (a lagging average of the online
+    # encoder's statistics would be offset by far more than the codes vary between scans).
+    enc = st.merge_model(e_def, weights["encoder"], e_rngs, rest["encoder"])
+    enc.update_code_statistics(batch["image"])
+    return {**rest, "encoder": st.module_rest(enc)}
+
+  return st.make_train_step(loss_fn, tx, accum=accum, ema_decay=decay, ema_updates=ema_updates,
+                            refresh_rest=refresh_code_statistics if code_norm else None)
+
+
+def make_heldout_code_use_fn(s_def, s_rngs, e_def, e_rngs, sched, scale: float, val: dict[str, np.ndarray]):
+  """`state -> {code_gap, g_gain, code_spread}` on fixed validation scans (EMA networks, fixed noise):
+
+  code_gap: (loss with another subject's code - with the own code) / own, averaged over HELDOUT_TIMESTEPS;
+  g_gain: (loss with G off - own) / off; code_spread: std of the codes across scans over their RMS. A code the
+  decoder ignores shows code_gap ~ 0 from the first log steps on.
+  """
+  z0 = jnp.asarray(val["mu"], jnp.float32) * scale
+  images = jnp.asarray(val["image"], jnp.float32)
+  perm = code_use.other_subject_pairing(val["subject"], seed=0)
+
+  def fn(state):
+    params = state.ema if state.ema is not None else state.params
+    shift = st.merge_model(s_def, params["shift"], s_rngs, state.rest["shift"])
+    enc = st.merge_model(e_def, params["encoder"], e_rngs, state.rest["encoder"])
+    y = enc(images, deterministic=True)
+    frozen = lambda x, t: (lambda emb, hs, eps: ((emb, hs), eps))(*shift.frozen(x, t))
+    out = code_use.swap_losses_by_t(frozen, lambda ctx, code: shift.shift(ctx[1], ctx[0], code), z0, y, y[perm],
+                                    jax.random.key(0), HELDOUT_TIMESTEPS, sched)
+    own, other, off = (jnp.mean(out[k], axis=1) for k in ("own", "other", "off"))
+    spread = jnp.mean(jnp.std(y, axis=0)) / jnp.sqrt(jnp.mean(jnp.square(y)))
+    return {"code_gap": jnp.mean((other - own) / own), "g_gain": jnp.mean((off - own) / off),
+            "code_spread": spread}
+
+  return fn
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> common.StageSpec:
@@ -90,6 +144,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
   shift_unet = build_shift_unet(config, nnx.Rngs(params=config.seed + 10, dropout=config.seed + 11))
   ldm_step = load_frozen_unet(shift_unet, config, workdir)
   encoder = build_encoder(config, nnx.Rngs(params=config.seed + 12, dropout=config.seed + 13))
+  init_backbone(encoder, config.encoder.pretrained_convnext)
+  if config.encoder.code_norm == "template":
+    encoder.set_template(jnp.asarray(shards.field_mean(sdir, "image")))
   s_def, sp, s_rngs, s_rest = st.split_model(shift_unet, SHIFT_TRAINABLE)
   e_def, ep, e_rngs, e_rest = st.split_model(encoder)
   tx = make_optimizer(cfg)
@@ -103,14 +160,21 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
                                 drop_remainder=True, fields=("mu", "image"), num_workers=int(config.data.num_workers))
 
   image_shape = (gbs,) + tuple(config.data.image_shape) + (1,)
+  val = ldm_stage.heldout_latents(workdir, HELDOUT_SCANS, fields=("mu", "image", "subject"))
+  if val is not None and len(np.unique(val["subject"])) < 2:
+    val = None
+  heldout = None if val is None else make_heldout_code_use_fn(s_def, s_rngs, e_def, e_rngs, sched, scale, val)
   return common.StageSpec(
-      name=NAME, state=state, step_fn=make_step(s_def, s_rngs, e_def, e_rngs, tx, sched, scale, cfg),
+      name=NAME, state=state,
+      step_fn=make_step(s_def, s_rngs, e_def, e_rngs, tx, sched, scale, cfg,
+                        code_norm_enabled=config.encoder.code_norm == "template"),
       make_iterator=make_iterator,
       batch_shapes={"mu": jax.ShapeDtypeStruct((gbs,) + shape, jnp.float32),
                     "image": jax.ShapeDtypeStruct(image_shape, jnp.float32)},
       samples_per_step=gbs,
       extra_summary={"scale_factor": scale, "ldm_step": ldm_step, "train_records": int(meta["count"]),
-                     "ema_per_microbatch": bool(cfg.reference_ema_per_microbatch)})
+                     "ema_per_microbatch": bool(cfg.reference_ema_per_microbatch)},
+      heldout_fn=heldout)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mesh=None,

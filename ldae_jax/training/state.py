@@ -161,12 +161,14 @@ def accumulate_grads(grad_fn, params: PyTree, rest: PyTree, batch: PyTree, key: 
 
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, *, accum: int, ema_decay: float,
-                    ema_updates: int = 1):
+                    ema_updates: int = 1, refresh_rest=None):
   """The optimizer step the diffusion stages share, as a pure `(state, batch) -> (state, metrics)`.
 
   Mean gradient of `loss_fn(params, rest, micro_batch, key) -> scalar` over `accum` micro-batches
   (`accumulate_grads`), one optax update (clipping lives in `tx`), the EMA (`ema_step`, `ema_updates` updates
-  per optimizer step), metrics {loss, grad_norm}.
+  per optimizer step), metrics {loss, grad_norm}. `refresh_rest(weights, rest, batch) -> rest`, if given, runs
+  after the update on the weights the evaluation uses (the EMA, else the parameters): running statistics that
+  must describe those weights.
   """
   def grad_fn(params, rest, batch, key):
     loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch, key)
@@ -177,6 +179,8 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, *, accum: int, em
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = None if state.ema is None else ema_step(state.ema, state.params, params, ema_decay, updates=ema_updates)
+    if refresh_rest is not None:
+      rest = refresh_rest(params if ema is None else ema, rest, batch)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rest=rest), metrics
 
