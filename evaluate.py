@@ -1,6 +1,6 @@
 """Evaluation entry point: python evaluate.py --config configs/X.py --workdir DIR --mode M.
 
-Modes: probe | recon | interp | manip | report | throughput (see ldae_jax/evaluation/report.py). Outputs go to
+Modes: probe | code_use | recon | interp | manip | report | throughput (see ldae_jax/evaluation/report.py). Outputs go to
 DIR/report/ (throughput: benchmarks/results/).
 """
 
@@ -14,7 +14,7 @@ from ml_collections import config_flags
 from ldae_jax import config as cfglib
 from ldae_jax.evaluation import report
 
-MODES = ("probe", "recon", "interp", "manip", "report", "throughput")
+MODES = ("probe", "code_use", "recon", "interp", "manip", "report", "throughput")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _DAE = config_flags.DEFINE_config_file("dae_config", "configs/dae_image_space.py:small",
                                        "Image-space DAE baseline config (throughput mode).", lock_config=True)
@@ -42,7 +42,7 @@ def main(argv):
     raise app.UsageError(f"--workdir {_WORKDIR.value!r} is not a directory; pass the folder train.py wrote.")
   out = pathlib.Path(_WORKDIR.value) / "report"
   out.mkdir(parents=True, exist_ok=True)
-  fn = {"probe": report.run_probe, "recon": report.run_recon, "interp": report.run_interp,
+  fn = {"probe": report.run_probe, "code_use": report.run_code_use, "recon": report.run_recon, "interp": report.run_interp,
         "manip": report.run_manip}.get(mode)
   if fn is not None:
     fn(config, _WORKDIR.value, out)

@@ -3,7 +3,8 @@
 For every subject with >= 3 sessions, every pair (i, j) with j >= i + 2 and every k strictly between them:
 alpha = (t_k - t_i) / (t_j - t_i); y = LERP(y_i, y_j; alpha); x_T = SLERP(x_T,i, x_T,j; alpha) (each x_T
 DDIM-encoded with its own code); DDIM-sample and AE-decode. Scored against the AE reconstruction of scan k (the
-reference's target) and against the image. Grouped by prediction gap min(t_k - t_i, t_j - t_k) in months
+reference's target) and against the image, beside two model-free baselines scored the same way: copying the
+nearest session, and the voxel-wise LERP of the two neighbouring images. Grouped by prediction gap min(t_k - t_i, t_j - t_k) in months
 (the quantity behind the paper's 6/12/18/24-month figures, most plausibly; ldae_reference.md §4.4), by the
 total gap t_j - t_i and by the relative position alpha rounded to 0.1.
 """
@@ -14,6 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -45,7 +47,7 @@ def triplets(subjects: np.ndarray, months: np.ndarray) -> list[dict[str, Any]]:
 
 def make_interp_fn(m: LDAEModels, config: ml_collections.ConfigDict, steps: int):
   sched = schedule_lib.ddim_schedule(schedule_lib.make_schedule(config.diffusion), steps)
-  clamp, crange = bool(config.diffusion.clamp_x0), float(config.diffusion.clamp_range)
+  clamp, crange = m.clamp, m.clamp_range
   kernel = int(config.eval.ssim_kernel)
 
   @jax.jit
@@ -62,10 +64,17 @@ def make_interp_fn(m: LDAEModels, config: ml_collections.ConfigDict, steps: int)
     z = ddim_lib.sample(lambda x, t: shift(x, t, y), x_T, sched, shifted=True, clamp=clamp, clamp_range=crange)
     pred = ae.decode(z / m.scale)
     target = ae.decode(b["mu_k"])  # AE reconstruction of the stored latent (reference target)
-    return {"pred": pred, "ssim_vs_ae": metrics.ssim(pred, target, kernel_size=kernel),
-            "mse_vs_ae": metrics.mse(pred, target), "ssim_vs_image": metrics.ssim(pred, b["image_k"],
-                                                                               kernel_size=kernel),
-            "mse_vs_image": metrics.mse(pred, b["image_k"])}
+    # Baselines that use no model: a blob-like prediction must not score better than these.
+    a = b["alpha"].reshape((-1,) + (1,) * (b["image_i"].ndim - 1))
+    candidates = {"": pred, "nearest_": jnp.where(a <= 0.5, b["image_i"], b["image_j"]),
+                  "average_": (1.0 - a) * b["image_i"] + a * b["image_j"]}
+    out = {"pred": pred}
+    for name, v in candidates.items():
+      out[f"{name}ssim_vs_ae"] = metrics.ssim(v, target, kernel_size=kernel)
+      out[f"{name}mse_vs_ae"] = metrics.mse(v, target)
+      out[f"{name}ssim_vs_image"] = metrics.ssim(v, b["image_k"], kernel_size=kernel)
+      out[f"{name}mse_vs_image"] = metrics.mse(v, b["image_k"])
+    return out
 
   return run
 

@@ -32,7 +32,7 @@ def edit_magnitude(volumes: np.ndarray) -> np.ndarray:
 
 def make_manip_fn(m: LDAEModels, config: ml_collections.ConfigDict, steps: int, alphas: tuple[float, ...]):
   sched = schedule_lib.ddim_schedule(schedule_lib.make_schedule(config.diffusion), steps)
-  clamp, crange = bool(config.diffusion.clamp_x0), float(config.diffusion.clamp_range)
+  clamp, crange = m.clamp, m.clamp_range
 
   @jax.jit
   def run(states, image, mu, direction, mean, std):
@@ -56,7 +56,7 @@ def make_manip_fn(m: LDAEModels, config: ml_collections.ConfigDict, steps: int, 
 
 def make_variation_fn(m: LDAEModels, config: ml_collections.ConfigDict, steps: int, n: int):
   sched = schedule_lib.ddim_schedule(schedule_lib.make_schedule(config.diffusion), steps)
-  clamp, crange = bool(config.diffusion.clamp_x0), float(config.diffusion.clamp_range)
+  clamp, crange = m.clamp, m.clamp_range
 
   @jax.jit
   def run(states, image, mu, key):

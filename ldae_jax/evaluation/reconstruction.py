@@ -5,8 +5,9 @@ last batch is padded to the fixed `config.eval.batch_size` (padded rows are drop
 DDIM loop is one `lax.scan` from `ldae_jax.diffusion.ddim`.
 
 Reconstructions are scored against the image (reference protocol) *and* against the autoencoder's own
-reconstruction decode(z0 / scale): the latter isolates the diffusion part, and SSIM(AE recon, image) is the
-bound the latent model cannot beat.
+reconstruction decode(z0 / scale): the latter isolates the diffusion part. SSIM(AE reconstruction, image) is
+what decoding the true latent gives (a decode may land on either side of it), and the train split's mean image
+is scored beside them as the floor of a decode that carries nothing of the scan.
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ class LDAEModels:
   enc_state: Any
   scale: float
   steps: dict[str, int]
+  clamp: bool = True
+  clamp_range: float = 1.0
+
+  def ddim_kwargs(self) -> dict[str, Any]:
+    """The x0-clamp arguments of every DDIM call on these models (`config.diffusion`, resolved on load)."""
+    return {"clamp": self.clamp, "clamp_range": self.clamp_range}
+
+
+def resolve_clamp_range(config: ml_collections.ConfigDict, workdir: str | os.PathLike, scale: float) -> float:
+  """`config.diffusion.clamp_range`, or with 0 the largest |scaled latent| of the train split: the clamp then
+  bounds x0 where the data lie instead of cutting the scaled latents (std 1) at the reference's +-1."""
+  if float(config.diffusion.clamp_range) > 0:
+    return float(config.diffusion.clamp_range)
+  from ldae_jax.training import ldm_stage
+  mu = shards.read_all(ldm_stage.shard_dir(workdir), ("mu",))["mu"]
+  return float(np.abs(mu).max() * scale)
 
 
 def load_ldae(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> LDAEModels:
@@ -68,13 +85,26 @@ def load_ldae(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
   meta = shards.read_metadata(ldm_stage.shard_dir(workdir))
   scale = ldm_stage.scale_factor(config, meta, str(ldm_stage.shard_dir(workdir)))
   return LDAEModels(*nnx.split(ae), *nnx.split(shift), *nnx.split(enc), scale,
-                    {"autoencoder": ae_step, "representation": step})
+                    {"autoencoder": ae_step, "representation": step}, clamp=bool(config.diffusion.clamp_x0),
+                    clamp_range=resolve_clamp_range(config, workdir, scale))
 
 
 def random_encoder(config: ml_collections.ConfigDict, seed: int = 12345):
-  """(graphdef, state) of an untrained, randomly initialised encoder: the probes' 'what training added' control."""
+  """(graphdef, state) of an untrained, randomly initialised encoder: the probes' 'what training added' control.
+
+  Built without the code norm: a template offset and a per-dimension scale change no linear probe (they
+  standardise every dimension), and an untrained encoder has no running statistics to standardise by.
+  """
   from ldae_jax.models import build_encoder
-  return nnx.split(build_encoder(config, nnx.Rngs(seed)))
+  plain = config.copy_and_resolve_references()
+  plain.encoder.code_norm = "none"
+  return nnx.split(build_encoder(plain, nnx.Rngs(seed)))
+
+
+def mean_train_image(workdir: str | os.PathLike) -> np.ndarray:
+  """Voxel-wise mean of the train split's stored images (X, Y, Z, 1) float32."""
+  from ldae_jax.training import ldm_stage
+  return shards.field_mean(ldm_stage.shard_dir(workdir), "image")
 
 
 def read_split(workdir: str | os.PathLike, split: str, max_scans: int | None = None,
@@ -123,7 +153,7 @@ def make_recon_fn(m: LDAEModels, config: ml_collections.ConfigDict, steps: int) 
   """jit fn(states, batch{image, mu, key}) -> per-scan metrics of encoded-x_T and semantic-only reconstructions,
   the AE bound, and the volumes."""
   sched = schedule_lib.ddim_schedule(schedule_lib.make_schedule(config.diffusion), steps)
-  clamp, crange = bool(config.diffusion.clamp_x0), float(config.diffusion.clamp_range)
+  ckw = m.ddim_kwargs()
   kernel = int(config.eval.ssim_kernel)
   ms_w = metrics.ms_ssim_weights(tuple(config.data.image_shape), kernel)
 
@@ -136,16 +166,18 @@ def make_recon_fn(m: LDAEModels, config: ml_collections.ConfigDict, steps: int) 
     y = enc(image, deterministic=True)
     model_fn = lambda x, t: shift(x, t, y)
     z0 = batch["mu"] * m.scale
-    x_T = ddim_lib.encode(model_fn, z0, sched, shifted=True, clamp=clamp, clamp_range=crange)
-    rec = ae.decode(ddim_lib.sample(model_fn, x_T, sched, shifted=True, clamp=clamp, clamp_range=crange) / m.scale)
+    x_T = ddim_lib.encode(model_fn, z0, sched, shifted=True, **ckw)
+    rec = ae.decode(ddim_lib.sample(model_fn, x_T, sched, shifted=True, **ckw) / m.scale)
     noise = jax.random.normal(batch["key"][0], z0.shape, jnp.float32)
-    sem = ae.decode(ddim_lib.sample(model_fn, noise, sched, shifted=True, clamp=clamp, clamp_range=crange) / m.scale)
+    sem = ae.decode(ddim_lib.sample(model_fn, noise, sched, shifted=True, **ckw) / m.scale)
     ae_rec = ae.decode(z0 / m.scale)
     out = {"x_T": x_T, "recon": rec, "semantic": sem, "ae_recon": ae_rec}
     vm = lambda a, b: metrics.volume_metrics(a, b, kernel_size=kernel, ms_weights=ms_w)
+    # The cohort-mean image scores what knowing nothing about the scan scores: the floor every decode must beat.
     for name, (a, b) in {"encoded_vs_image": (rec, image), "semantic_vs_image": (sem, image),
                          "ae_vs_image": (ae_rec, image), "encoded_vs_ae": (rec, ae_rec),
-                         "semantic_vs_ae": (sem, ae_rec)}.items():
+                         "semantic_vs_ae": (sem, ae_rec), "cohort_mean_vs_image": (batch["mean_image"], image),
+                         }.items():
       for k, v in vm(a, b).items():
         out[f"{name}/{k}"] = v
     return out
@@ -160,8 +192,11 @@ def summarise(values: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 
 def evaluate_reconstruction(m: LDAEModels, config: ml_collections.ConfigDict, data: dict[str, np.ndarray],
-                            *, seed: int = 0, keep_volumes: int = 4) -> dict[str, Any]:
-  """Metrics for each T in config.eval.ddim_steps; returns {'by_steps': {T: summary}, 'volumes': {...}}."""
+                            *, mean_image: np.ndarray, seed: int = 0, keep_volumes: int = 4) -> dict[str, Any]:
+  """Metrics for each T in config.eval.ddim_steps; returns {'by_steps': {T: summary}, 'volumes': {...}}.
+
+  `mean_image` (X, Y, Z, 1): the train split's voxel-wise mean image, scored as the no-information baseline.
+  """
   states = {"ae": m.ae_state, "shift": m.shift_state, "enc": m.enc_state}
   n = len(data["mu"])
   keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n)))
@@ -170,7 +205,9 @@ def evaluate_reconstruction(m: LDAEModels, config: ml_collections.ConfigDict, da
   for steps in config.eval.ddim_steps:
     fn = make_recon_fn(m, config, int(steps))
     wrapped = jax.jit(lambda s, b, fn=fn: fn(s, dict(b, key=jax.random.wrap_key_data(b["key"]))))
-    res = map_batched(wrapped, {"image": data["image"], "mu": data["mu"], "key": keys}, bs, states,
+    arrays = {"image": data["image"], "mu": data["mu"], "key": keys,
+              "mean_image": np.broadcast_to(np.asarray(mean_image, np.float32), data["image"].shape)}
+    res = map_batched(wrapped, arrays, bs, states,
                       desc=f"recon DDIM-{steps}")
     out["by_steps"][int(steps)] = summarise(res)
     out["volumes"][int(steps)] = {k: res[k][:keep_volumes] for k in ("recon", "semantic", "ae_recon", "x_T")}

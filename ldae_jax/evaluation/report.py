@@ -60,9 +60,30 @@ KNOWN_FACTORS = ("hippocampus_ml", "ventricle_ml", "gm_ml", "icv_ml")
 
 
 def _ground_truth(config, workdir) -> dict[str, dict[str, float]] | None:
-  """{scan_id: {factor: value}} of a generated synthetic cohort; None for a user manifest."""
+  """{scan_id: {factor: value}}: the synthetic cohort's generative factors, or for a user manifest the numeric
+  columns named in `config.eval.known_factors` (e.g. regional volumes); None when there are none."""
+  if config.data.manifest:
+    names = tuple(config.eval.known_factors)
+    if not names:
+      return None
+    from ldae_jax.data import manifest as mf
+    path = pathlib.Path(config.data.manifest)
+    with open(path, newline="") as f:
+      rows = list(csv.DictReader(f))
+    missing = [n for n in names if rows and n not in rows[0]]
+    if missing:
+      raise ValueError(f"{path}: no column {missing} (config.eval.known_factors={names}); add the columns or "
+                       "drop them from config.eval.known_factors.")
+    records = mf.read_manifest(path, classes=tuple(config.data.classes))
+    out = {}
+    for rec_, row in zip(records, rows):
+      try:
+        out[rec_.scan_id] = {n: float(row[n]) for n in names}
+      except ValueError as e:
+        raise ValueError(f"{path}: scan {rec_.scan_id} has a non-numeric known factor ({e}).") from e
+    return out
   path = pathlib.Path(workdir) / "cohort" / "ground_truth.csv"
-  if config.data.manifest or not path.is_file():
+  if not path.is_file():
     return None
   with open(path, newline="") as f:
     return {row["scan_id"]: {k: float(row[k]) for k in KNOWN_FACTORS} for row in csv.DictReader(f)}
@@ -71,9 +92,11 @@ def _ground_truth(config, workdir) -> dict[str, dict[str, float]] | None:
 def _factor_table(truth, scan_ids, split) -> dict[str, np.ndarray]:
   missing = [str(s) for s in scan_ids if str(s) not in truth]
   if missing:
-    raise ValueError(f"{len(missing)} {split} scan(s) (e.g. {missing[:2]}) are not in the workdir's "
-                     "cohort/ground_truth.csv: the shards and the cohort disagree; rerun the latents stage.")
-  return {k: np.array([truth[str(s)][k] for s in scan_ids]) for k in KNOWN_FACTORS}
+    raise ValueError(f"{len(missing)} {split} scan(s) (e.g. {missing[:2]}) have no known factors (the cohort's "
+                     "ground_truth.csv or the manifest): the shards and the manifest disagree; rerun the latents "
+                     "stage.")
+  names = next(iter(truth.values())).keys()
+  return {k: np.array([truth[str(s)][k] for s in scan_ids]) for k in names}
 
 
 def _save_codes(path: pathlib.Path, codes: dict[str, dict[str, dict[str, np.ndarray]]]) -> None:
@@ -122,11 +145,29 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str, out: pathlib.Path
   return results, fitted
 
 
+# ------------------------------------------------------------------------------------------------ code use
+def run_code_use(config, workdir, out, models=None) -> dict:
+  """Does decoding use the code? Loss gap own vs another subject's code, swapped decodes, semantic-only error."""
+  from ldae_jax.data import shards
+  from ldae_jax.evaluation import code_use
+  from ldae_jax.training import ldm_stage
+  m = models or rec.load_ldae(config, workdir)
+  data = rec.read_split(workdir, "test", int(config.eval.max_scans))
+  mean_latent = shards.read_all(ldm_stage.shard_dir(workdir, "train"), ("mu",))["mu"].mean(axis=0)
+  r = code_use.evaluate_code_use(m, config, data, mean_latent, steps=int(min(config.eval.ddim_steps)),
+                                 seed=int(config.seed))
+  md = code_use.markdown(r)
+  atomic.write_bytes(out / "code_use.md", md.encode("utf-8"))
+  _write_json(out / "code_use.json", r)
+  print(md)
+  return r
+
+
 # ------------------------------------------------------------------------------------------------ recon
 def run_recon(config, workdir, out, models=None) -> dict:
   m = models or rec.load_ldae(config, workdir)
   data = rec.read_split(workdir, "test", int(config.eval.max_scans))
-  r = rec.evaluate_reconstruction(m, config, data, seed=int(config.seed))
+  r = rec.evaluate_reconstruction(m, config, data, mean_image=rec.mean_train_image(workdir), seed=int(config.seed))
   vols = r.pop("volumes")
   rows, labels = [], []
   t_max = max(k for k in vols if k != "image")
@@ -140,8 +181,9 @@ def run_recon(config, workdir, out, models=None) -> dict:
                                     col_labels=["image", "AE", f"LDAE T={t_max}", "y_sem only"],
                                     title="Reconstructions (three mid-slices each)")
   for t, s in r["by_steps"].items():
-    print(f"T={t}: SSIM encoded x_T {s['encoded_vs_image/ssim']['mean']:.4f} vs AE bound "
-          f"{s['ae_vs_image/ssim']['mean']:.4f}; semantic-only {s['semantic_vs_image/ssim']['mean']:.4f}")
+    print(f"T={t}: SSIM encoded x_T {s['encoded_vs_image/ssim']['mean']:.4f}, AE reconstruction "
+          f"{s['ae_vs_image/ssim']['mean']:.4f}, semantic-only {s['semantic_vs_image/ssim']['mean']:.4f}, "
+          f"cohort-mean image {s['cohort_mean_vs_image/ssim']['mean']:.4f}")
   _write_json(out / "recon.json", r)
   return r
 
@@ -218,7 +260,8 @@ def run_report(config, workdir: str) -> pathlib.Path:
     raise SystemExit(f"report: cannot load the trained models from {workdir}: {e}")
   probe_res, fitted = run_probe(config, workdir, out, models)
   sections["probe"] = probe_res
-  for name, fn in (("recon", lambda: run_recon(config, workdir, out, models)),
+  for name, fn in (("code_use", lambda: run_code_use(config, workdir, out, models)),
+                   ("recon", lambda: run_recon(config, workdir, out, models)),
                    ("interp", lambda: run_interp(config, workdir, out, models)),
                    ("manip", lambda: run_manip(config, workdir, out, models, fitted))):
     try:
@@ -230,21 +273,30 @@ def run_report(config, workdir: str) -> pathlib.Path:
   _write_json(out / "report.json", sections)
   md = ["# LDAE evaluation report", f"config `{config.name}`, workdir `{workdir}`, {sections['device']}", "",
         "## Linear probes (codes of the EMA encoder vs an untrained encoder)", probe_markdown(probe_res)]
+  if "loss" in sections.get("code_use", {}):
+    from ldae_jax.evaluation import code_use
+    md += ["## Does decoding use the code? (test split)", code_use.markdown(sections["code_use"])]
   if "by_steps" in sections.get("recon", {}):
-    md += ["## Reconstruction (test split)", "| T | SSIM enc. x_T | MS-SSIM | MSE | PSNR | SSIM y_sem only | "
-           "SSIM AE bound | SSIM enc. vs AE |", "|---|---|---|---|---|---|---|---|"]
+    md += ["## Reconstruction (test split, SSIM against the image unless marked)", "| T | LDAE enc. x_T | MS-SSIM | "
+           "MSE | PSNR | y_sem only | AE reconstruction | cohort-mean image | LDAE vs AE reconstruction |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for t, s in sections["recon"]["by_steps"].items():
       md.append(f"| {t} | {s['encoded_vs_image/ssim']['mean']:.4f} | {s['encoded_vs_image/ms_ssim']['mean']:.4f} | "
                 f"{s['encoded_vs_image/mse']['mean']:.5f} | {s['encoded_vs_image/psnr']['mean']:.2f} | "
                 f"{s['semantic_vs_image/ssim']['mean']:.4f} | {s['ae_vs_image/ssim']['mean']:.4f} | "
-                f"{s['encoded_vs_ae/ssim']['mean']:.4f} |")
+                f"{s['cohort_mean_vs_image/ssim']['mean']:.4f} | {s['encoded_vs_ae/ssim']['mean']:.4f} |")
     md += ["", f"SSIM: MONAI formulation, Gaussian kernel {config.eval.ssim_kernel}, sigma 1.5, valid window.",
            "![reconstructions](reconstructions.png)", ""]
   if sections.get("interp", {}).get("n"):
-    md += ["## Interpolation (SSIM / MSE vs the AE reconstruction of the middle scan)", "| prediction gap (months) "
-           "| n | SSIM | MSE |", "|---|---|---|---|"]
+    md += ["## Interpolation of a middle session from its neighbours (SSIM)", "| prediction gap (months) | n | "
+           "LDAE vs image | nearest session vs image | voxel average vs image | LDAE vs AE reconstruction | "
+           "nearest vs AE rec. | average vs AE rec. |", "|---|---|---|---|---|---|---|---|"]
     for g, v in sections["interp"]["by_prediction_gap_months"].items():
-      md.append(f"| {g} | {v['n']} | {v['ssim_vs_ae']:.4f} | {v['mse_vs_ae']:.5f} |")
+      md.append(f"| {g} | {v['n']} | {v['ssim_vs_image']:.4f} | {v['nearest_ssim_vs_image']:.4f} | "
+                f"{v['average_ssim_vs_image']:.4f} | {v['ssim_vs_ae']:.4f} | {v['nearest_ssim_vs_ae']:.4f} | "
+                f"{v['average_ssim_vs_ae']:.4f} |")
+    md += ["", "The two baselines use no model: an interpolation that does not beat copying the nearest session "
+           "against the real scan has not shown anything."]
     md += ["", "![interpolations](interpolations.png)", ""]
   if "alphas" in sections.get("manip", {}):
     md += ["## Manipulation (probe direction, AD positive)", f"alphas {sections['manip']['alphas']}"]
@@ -255,7 +307,7 @@ def run_report(config, workdir: str) -> pathlib.Path:
                f"the decoded image {np.round(sections['manip'][name]['mean_abs_change_by_alpha'], 5).tolist()}",
                f"  ![{name}](manipulation_{name}.png)"]
     md += ["", "![variations](variations.png)", ""]
-  for name in ("recon", "interp", "manip"):
+  for name in ("code_use", "recon", "interp", "manip"):
     if "skipped" in sections.get(name, {}):
       md.append(f"- {name} skipped: {sections[name]['skipped']}")
   atomic.write_bytes(out / "report.md", ("\n".join(md) + "\n").encode("utf-8"))
