@@ -71,7 +71,22 @@ def make_step(g_def, g_rngs, d_def, d_rngs, tx: dict[str, optax.GradientTransfor
     loss = adv_w * 0.5 * (jnp.mean(jnp.square(fake)) + jnp.mean(jnp.square(real - 1.0)))
     return loss, (st.module_rest(disc), {"d_loss": loss, "d_fake": jnp.mean(fake), "d_real": jnp.mean(real)})
 
+  def recon_only_grad_fn(params, rest, batch, key):
+    # adv_weight 0: the discriminator is neither run nor trained (a short run spends its compute on the
+    # reconstruction); its parameters, statistics and optimizer state stay as they are.
+    def loss_fn(gp):
+      ae = st.merge_model(g_def, gp, g_rngs, rest["g"])
+      x_hat, mu, sigma = ae(batch["image"].astype(jnp.float32), key)
+      rec = jnp.mean(jnp.abs(x_hat - batch["image"]))
+      kl = kl_loss(mu, sigma)
+      loss = rec + kl_w * kl
+      return loss, ({"g": st.module_rest(ae), "d": rest["d"]}, {"loss": loss, "l1": rec, "kl": kl})
+    (_, (new_rest, gm)), g_grads = jax.value_and_grad(loss_fn, has_aux=True)(params["g"])
+    return {"g": g_grads, "d": jax.tree.map(jnp.zeros_like, params["d"])}, new_rest, gm
+
   def grad_fn(params, rest, batch, key):
+    if adv_w == 0.0 and not leak:
+      return recon_only_grad_fn(params, rest, batch, key)
     x = batch["image"].astype(jnp.float32)
     argnums = (0, 1) if leak else 0
     (_, (x_hat, rest, gm)), g_grads = jax.value_and_grad(g_loss, argnums=argnums, has_aux=True)(
@@ -88,6 +103,9 @@ def make_step(g_def, g_rngs, d_def, d_rngs, tx: dict[str, optax.GradientTransfor
     grads, rest, metrics = st.accumulate_grads(grad_fn, state.params, state.rest, batch, st.step_key(state), accum)
     params, opt_state = {}, {}
     for k in ("g", "d"):
+      if k == "d" and adv_w == 0.0 and not leak:  # untrained: Adam must not see (and count) zero gradients
+        params[k], opt_state[k] = state.params[k], state.opt_state[k]
+        continue
       updates, opt_state[k] = tx[k].update(grads[k], state.opt_state[k], state.params[k])
       params[k] = optax.apply_updates(state.params[k], updates)
     ema = None if state.ema is None else st.ema_step(state.ema, state.params, params, decay)
