@@ -128,3 +128,37 @@ def test_split_by_subject_disjoint_deterministic_stratified():
   assert len({r.subject for r in tiny["val"]}) == 1 and len({r.subject for r in tiny["test"]}) == 2
   with pytest.raises(ValueError, match="non-empty train split"):
     M.split_by_subject(_records(2), val_fraction=0.5, test_fraction=0.5, seed=0)
+
+
+def _bad_cohort(tmp_path):
+  """A manifest of one good scan, a truncated .nii.gz, a 4D file and a file with NaN voxels."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from ldae_jax.data import nifti  # pylint: disable=import-outside-toplevel
+  vol = np.random.default_rng(0).random((8, 10, 8)).astype(np.float32)
+  nifti.save_volume(tmp_path / "good.nii.gz", vol)
+  full = nifti.save_volume(tmp_path / "cut.nii.gz", vol).read_bytes()
+  (tmp_path / "cut.nii.gz").write_bytes(full[: len(full) // 2])  # a copy interrupted half way
+  import nibabel as nib  # pylint: disable=import-outside-toplevel
+  nib.save(nib.Nifti1Image(np.zeros((8, 10, 8, 3), np.float32), np.eye(4)), str(tmp_path / "fmri.nii.gz"))
+  nan = vol.copy()
+  nan[2, 3, 4] = np.nan
+  nib.save(nib.Nifti1Image(nan, np.eye(4)), str(tmp_path / "nan.nii"))
+  csv = tmp_path / "manifest.csv"
+  csv.write_text("subject,path,diagnosis,age\ns1,good.nii.gz,CN,70\ns2,cut.nii.gz,AD,71\n"
+                 "s3,fmri.nii.gz,MCI,72\ns4,nan.nii,CN,73\n")
+  return csv
+
+
+def test_check_scan_files_lists_every_bad_file_at_once(tmp_path):
+  recs = M.read_manifest(_bad_cohort(tmp_path))
+  with pytest.raises(M.ManifestError) as e:
+    M.check_scan_files(recs, source="manifest.csv")
+  msg = str(e.value)
+  assert msg.startswith("3 of the 4 scans in manifest.csv cannot be used")
+  assert "good.nii.gz" not in msg
+  lines = msg.splitlines()
+  assert any("s2_ses-M000" in l and "cut.nii.gz" in l and "cannot read" in l for l in lines)
+  assert any("s3_ses-M000" in l and "fmri.nii.gz" in l and "not one 3D volume" in l for l in lines)
+  assert any("s4_ses-M000" in l and "nan.nii" in l and "NaN" in l for l in lines)
+  assert "remove their rows" in msg
+  M.check_scan_files(recs[:1])  # the good one alone passes

@@ -72,3 +72,15 @@ def test_latents_other_processes_only_read_what_process_0_wrote(workdir, monkeyp
   summary = latents_stage.run(tiny_pipeline_config(), wd)
   assert summary["scale_factor"] == out["latents"]["scale_factor"]
   assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before  # nothing rewritten
+
+
+def test_bad_scan_files_stop_the_run_before_anything_is_built(tmp_path):
+  from test_manifest import _bad_cohort  # pylint: disable=import-outside-toplevel
+  from ldae_jax.data.manifest import ManifestError  # pylint: disable=import-outside-toplevel
+  c = tiny_pipeline_config()
+  (tmp_path / "data").mkdir()
+  c.data.manifest = str(_bad_cohort(tmp_path / "data"))
+  wd = tmp_path / "run"
+  with pytest.raises(ManifestError, match="3 of the 4 scans"):
+    pipeline.run(c, wd)
+  assert not wd.exists()  # no stage folder, nothing compiled

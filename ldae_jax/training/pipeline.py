@@ -1,7 +1,9 @@
 """Stage dispatch: one stage, or `all` of them in order in one workdir, skipping completed ones.
 
 A stage is complete when `DIR/<stage>/summary.json` exists (written last, atomically). The synthetic
-cohort is generated into `DIR/cohort` on first use when `config.data.manifest` is empty.
+cohort is generated into `DIR/cohort` on first use when `config.data.manifest` is empty. Before a stage that
+reads the NIfTI files runs, every file of a user's manifest is read once, so that a bad one stops the run
+before anything trains.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from typing import Any
 import ml_collections
 
 from ldae_jax.training import loop
+from ldae_jax.training import volumes
 
 ORDER = ("autoencoder", "latents", "ldm", "representation")
+# The stages that read the manifest's NIfTI files (the later ones read the latent shards).
+READS_SCANS = ("autoencoder", "latents")
 
 
 def _module(stage: str):
@@ -33,6 +38,9 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, sta
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs `config.stage` (or all stages) in `workdir`; returns {stage: summary}."""
   workdir = pathlib.Path(workdir)
+  todo = [config.stage] if config.stage != "all" else [s for s in ORDER if not loop.is_complete(workdir / s)]
+  if any(s in READS_SCANS for s in todo):
+    volumes.check_scans(config, workdir)  # a bad file stops the run here, not after a stage trained
   workdir.mkdir(parents=True, exist_ok=True)
   if config.stage != "all":
     return {config.stage: run_stage(config, workdir, config.stage)}

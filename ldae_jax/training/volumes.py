@@ -84,6 +84,19 @@ def splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dic
                              test_fraction=float(config.data.test_fraction), seed=int(config.data.split_seed))
 
 
+def check_scans(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """Reads every file of a user's manifest once (`manifest.check_scan_files`) and raises listing the bad ones.
+
+  The generated synthetic cohort is skipped: its files are written by this package and complete once
+  cohort.json exists.
+  """
+  if not config.data.manifest:
+    return
+  path = manifest_path(config, workdir)
+  records = mf.read_manifest(path, classes=tuple(config.data.classes))
+  mf.check_scan_files(records, source=str(path))
+
+
 def load(record: mf.ScanRecord, config: ml_collections.ConfigDict) -> np.ndarray:
   """One preprocessed volume as float32 (X, Y, Z, 1)."""
   from ldae_jax.data.nifti import load_volume  # pylint: disable=g-import-not-at-top
