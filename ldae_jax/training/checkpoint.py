@@ -11,6 +11,7 @@ checkpoint written on 8 devices restores on 1 and vice versa.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import pathlib
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
+
+log = logging.getLogger(__name__)  # shown by the CLIs (ldae_jax.cli.common.setup_logging)
 
 PyTree = Any
 
@@ -71,7 +73,7 @@ class Checkpointer:
     self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_encode_data_state(data_state))), force=True)
     self.manager.wait_until_finished()
-    logging.info("saved checkpoint %d to %s", step, self.directory)
+    log.info("saved checkpoint %d to %s", step, self.directory)
 
   def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, Any]:
     """Restores `step` (default: the latest) onto the structure, dtypes and shardings of `target`.
