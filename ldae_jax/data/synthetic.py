@@ -433,7 +433,8 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
   width = max(4, len(str(subjects)))
   records, truth = [], []
   load_atlas(float(spacing_mm))
-  bar = tqdm(range(subjects), desc="synthetic cohort", unit="subject", disable=not progress)
+  bar = tqdm(range(subjects), desc="synthetic cohort", unit="subject",
+             disable=not progress or not sys.stderr.isatty())  # no carriage-return frames in a log file
   for i in bar:
     diagnosis, age0, months_list, rng = _subject_plan(seed, i, (lo, hi), interval_months)
     anatomy = build_anatomy(shape, spacing_mm, rng, pose_scale=nuisance_scale)
