@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from ldae_jax.training import common
 from ldae_jax.training import loop
 from ldae_jax.training import volumes
 
@@ -41,7 +42,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   todo = [config.stage] if config.stage != "all" else [s for s in ORDER if not loop.is_complete(workdir / s)]
   if any(s in READS_SCANS for s in todo):
     volumes.check_scans(config, workdir)  # a bad file stops the run here, not after a stage trained
+  existed = workdir.is_dir()
   workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    return _run_stages(config, workdir)
+  except BaseException:
+    common.remove_empty_dirs(workdir, keep_root=existed)  # folders are made eagerly; leave none empty behind
+    raise
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
   if config.stage != "all":
     return {config.stage: run_stage(config, workdir, config.stage)}
   out = {}
