@@ -13,7 +13,6 @@ optax state and an EMA copy alike; shardings are computed from shapes only, befo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -255,15 +254,3 @@ def compile_aot(jitted_fn: Callable[..., Any], *abstract_args: Any, name: str = 
 def abstract_with_sharding(tree: PyTree, shardings: PyTree) -> PyTree:
   """ShapeDtypeStructs of `tree` carrying `shardings`: the arguments `compile_aot` lowers with."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshInfo:
-  """What a run logs about its layout (summary.json, first log lines)."""
-  shape: dict[str, int]
-  num_devices: int
-  num_processes: int
-
-  @classmethod
-  def of(cls, mesh: Mesh) -> "MeshInfo":
-    return cls(dict(mesh.shape), int(mesh.devices.size), jax.process_count())

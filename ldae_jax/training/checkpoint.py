@@ -93,9 +93,6 @@ class Checkpointer:
           f"(different sizes or networks?): {e}. Use the config that wrote it, or a fresh --workdir.") from e
     return out["state"], _decode_data_state(out["data"])
 
-  def restore_state_only(self, target: PyTree, step: int | None = None) -> PyTree:
-    return self.restore(target, step)[0]
-
   def close(self) -> None:
     self.manager.close()
 
@@ -120,25 +117,3 @@ def restore_newest(directory: str | os.PathLike, target: PyTree, *, what: str, m
     return restored, int(ckpt.latest_step())
   finally:
     ckpt.close()
-
-
-def restore_tree(directory: str | os.PathLike, target: PyTree, step: int | None = None) -> PyTree:
-  """Reads the `state` item of a stage checkpoint directory onto `target` (used across stages)."""
-  ckpt = Checkpointer(directory, keep=1000)
-  try:
-    return ckpt.restore(target, step)[0]
-  finally:
-    ckpt.close()
-
-
-def read_saved_metadata(directory: str | os.PathLike, step: int | None = None) -> PyTree:
-  """The saved `state` tree's shapes/dtypes without reading arrays (to diagnose a mismatch)."""
-  mgr = ocp.CheckpointManager(pathlib.Path(directory).absolute())
-  try:
-    step = mgr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
-    meta = mgr.item_metadata(step)
-    return meta["state"] if meta is not None and "state" in meta else None
-  finally:
-    mgr.close()
