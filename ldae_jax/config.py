@@ -134,8 +134,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.autoencoder.lr_disc = 1e-4
   c.train.autoencoder.kl_weight = 1e-7
   c.train.autoencoder.adv_weight = 0.025
-  c.train.autoencoder.perceptual_weight = 0.0  # needs user weights; off by default
-  c.train.autoencoder.perceptual_weights = ""
   c.train.autoencoder.reference_disc_grad_leak = False  # reproduce the reference's G->D gradient leak
   c.train.ldm = stage(batch=128, lr=2.5e-5, steps=200_000)
   c.train.representation = stage(batch=8, lr=2.5e-5, steps=100_000, accum=4)

@@ -53,3 +53,9 @@ def test_fractions_must_leave_a_training_split():
   c.data.val_fraction, c.data.test_fraction = 0.5, 0.5
   with pytest.raises(ValueError, match="leave no subjects to train on"):
     validate(c)
+
+
+def test_no_dead_options():
+  # The LPIPS term is not implemented, so no field pretends to configure it.
+  c = default_config()
+  assert "perceptual_weight" not in c.train.autoencoder and "perceptual_weights" not in c.train.autoencoder

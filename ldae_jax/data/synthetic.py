@@ -451,7 +451,7 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
       records.append(manifest_lib.ScanRecord(
           subject=subject, path=str((out / rel).resolve()), diagnosis=diagnosis,
           label=sorted(manifest_lib.DEFAULT_CLASSES).index(diagnosis), age=age, session_months=months,
-          latent_path="", scan_id=manifest_lib.scan_id(subject, months)))
+          scan_id=manifest_lib.scan_id(subject, months)))
       truth.append(dict(scan_id=manifest_lib.scan_id(subject, months), subject=subject,
                         session_months=months, diagnosis=diagnosis, age=age, years_from_baseline=years,
                         **measures))
