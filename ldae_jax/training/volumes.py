@@ -129,7 +129,8 @@ def make_iterator(records: Sequence[mf.ScanRecord], config: ml_collections.Confi
   """Shuffled, repeated grain iterator of process-local volume batches (get_state/set_state for resuming).
 
   Same scheme as the latent shards: one global seeded shuffle per epoch, then each process takes every
-  process_count-th element, so processes read disjoint scans.
+  process_count-th element, so processes read disjoint scans; `config.data.num_workers` > 0 reads them in
+  that many grain worker processes (the same batches in the same order).
   """
   import grain  # pylint: disable=g-import-not-at-top
   if not records:
@@ -141,4 +142,10 @@ def make_iterator(records: Sequence[mf.ScanRecord], config: ml_collections.Confi
                      f"be a multiple of the {pc} processes.")
   ds = grain.MapDataset.source(VolumeSource(records, config)).seed(seed).shuffle().repeat()
   ds = ds[pi::pc].batch(global_batch_size // pc, drop_remainder=True)
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  workers = int(config.data.num_workers)
+  if workers > 0:
+    from ldae_jax.data.shards import ensure_absl_flags_parsed  # pylint: disable=g-import-not-at-top
+    ensure_absl_flags_parsed()  # grain's worker processes read its absl flags  # worker processes decode the NIfTI files of a cohort too large to preload
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+  return iter(it_ds)
