@@ -1,4 +1,4 @@
-"""Stage 1: AutoencoderKL with a least-squares patch discriminator (reference §1.1).
+"""Stage 1: AutoencoderKL with a least-squares patch discriminator (the reference's first stage).
 
 Generator: L_G = L1 + kl_weight * KL + adv_weight * mean (D(x_hat) - 1)^2 (the reference adds a perceptual
 term, see below).
@@ -6,8 +6,9 @@ Discriminator: L_D = adv_weight * 0.5 * [mean D(x_hat)^2 + mean (D(x) - 1)^2], x
 in separate calls (separate BatchNorm batch statistics), as the reference does.
 
 The two networks have separate Adam optimizers (lr, lr_disc) and are clipped separately. The reference's
-generator backward also deposits the gradient of adv_weight * (D(x_hat)-1)^2 into D's gradients (§6 bug 22);
-that leak is off here and reproduced only with `config.train.autoencoder.reference_disc_grad_leak`.
+generator backward also deposits the gradient of adv_weight * (D(x_hat)-1)^2 into D's gradients
+(docs/fidelity.md, "Reference bugs"); that leak is off here and reproduced only with
+`config.train.autoencoder.reference_disc_grad_leak`.
 Both gradients of a micro-batch come from the same, not yet updated, networks: with accumulation the
 reference also steps both only after the last micro-batch, and without it its D step sees the x_hat computed
 before the G step, so this matches its update order.

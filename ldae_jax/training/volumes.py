@@ -144,8 +144,8 @@ def make_iterator(records: Sequence[mf.ScanRecord], config: ml_collections.Confi
   ds = ds[pi::pc].batch(global_batch_size // pc, drop_remainder=True)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   workers = int(config.data.num_workers)
-  if workers > 0:
+  if workers > 0:  # worker processes decode the NIfTI files of a cohort too large to preload
     from ldae_jax.data.shards import ensure_absl_flags_parsed  # pylint: disable=g-import-not-at-top
-    ensure_absl_flags_parsed()  # grain's worker processes read its absl flags  # worker processes decode the NIfTI files of a cohort too large to preload
+    ensure_absl_flags_parsed()  # grain's worker processes read its absl flags
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
   return iter(it_ds)
