@@ -63,3 +63,25 @@ def test_num_workers_reads_in_worker_processes_with_the_same_batches(tmp_path, m
     getattr(it, "close", lambda: None)()
   for a, b in zip(seen[0], seen[1]):
     np.testing.assert_array_equal(a, b)
+
+
+def test_split_is_recorded_once_and_a_changed_manifest_or_seed_is_refused(tmp_path):
+  c = small_config(subjects=6)
+  first = volumes.splits(c, tmp_path)
+  recorded = json.loads((tmp_path / volumes.SPLITS_FILE).read_text())
+  assert {s: sorted(t) for s, t in recorded.items()} == {
+      s: sorted({r.subject for r in recs}) for s, recs in first.items()}
+  assert volumes.splits(c, tmp_path) == first  # the same manifest and config: accepted
+
+  # The user's copy of the manifest, one test subject's rows dropped: named, with the fix.
+  cohort = tmp_path / "cohort"
+  lines = (cohort / "manifest.csv").read_text().splitlines()
+  gone = first["test"][0].subject
+  (cohort / "edited.csv").write_text("\n".join(l for l in lines if not l.startswith(gone + ",")) + "\n")
+  c.data.manifest = str(cohort / "edited.csv")
+  with pytest.raises(ValueError, match=rf"{gone}: was in test, no longer in the manifest[\s\S]*new --workdir"):
+    volumes.splits(c, tmp_path)
+  c.data.manifest = ""
+  c.data.split_seed = 7  # another split of the same subjects
+  with pytest.raises(ValueError, match=r"moved from (train|val|test) to (train|val|test)"):
+    volumes.splits(c, tmp_path)
