@@ -1,8 +1,8 @@
 """Image-space diffusion autoencoder (DAE) baseline: the LDAE UNet family run directly on voxels.
 
 Used by the throughput benchmark (`benchmarks/throughput.py`) to measure LDAE's latent-space DDIM against the
-same kind of network on the full volume, in the same run. The reference ships no DAE (ldae_reference.md §4.5,
-§4.7: its reported DAE code size suggests a reduced resolution); this one runs at the LDAE image size.
+same kind of network on the full volume, in the same run. The reference ships no DAE (the paper's reported DAE code size
+suggests it ran at a reduced resolution); this one runs at the LDAE image size.
 At 128x160x128 the UNet cannot use the latent UNet's width or attention at full resolution, so it follows the
 usual pixel-space recipe: narrower base (64), more levels (Y and Z halved four times, X kept, as in LDAE's UNet)
 and attention only at the coarsest level (128x10x8 = 10,240 tokens).

@@ -142,8 +142,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.autoencoder.lr_disc = 1e-4
   c.train.autoencoder.kl_weight = 1e-7
   c.train.autoencoder.adv_weight = 0.025
-  c.train.autoencoder.perceptual_weight = 0.0  # needs user weights; off by default
-  c.train.autoencoder.perceptual_weights = ""
   c.train.autoencoder.reference_disc_grad_leak = False  # reproduce the reference's G->D gradient leak
   c.train.ldm = stage(batch=128, lr=2.5e-5, steps=200_000)
   c.train.representation = stage(batch=8, lr=2.5e-5, steps=100_000, accum=4)
@@ -196,6 +194,61 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.mesh.param_sharding={config.mesh.param_sharding!r}: 'replicate' or 'fsdp'.")
   if config.compute_dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.compute_dtype={config.compute_dtype!r}: float32, bfloat16 or float16.")
+  _validate_ranges(config)
+
+
+def _check(config: ml_collections.ConfigDict, field: str, ok, allowed: str) -> None:
+  """Raises ValueError naming `config.<field>`, its value and the values allowed unless `ok(value)`."""
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if not ok(value):
+    raise ValueError(f"config.{field}={value!r}: must be {allowed}; set --config.{field}=<value> accordingly.")
+
+
+def _validate_ranges(config: ml_collections.ConfigDict) -> None:
+  """Counts, rates and sizes: caught here, before a run spends minutes building and compiling networks."""
+  positive = lambda v: v > 0
+  at_least_one = lambda v: v >= 1
+  non_negative = lambda v: v >= 0
+  unit = lambda v: 0 <= v < 1
+  for name in ("autoencoder", "ldm", "representation"):
+    t = f"train.{name}"
+    # 0 steps is no way to skip a stage: it would write summary.json ("complete") without a checkpoint,
+    # and the next stage would stop for want of weights. Choose the stages to run with config.stage.
+    _check(config, f"{t}.steps", at_least_one, ">= 1 (to run some stages only, set config.stage instead)")
+    for field in ("batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+      _check(config, f"{t}.{field}", at_least_one, "an integer >= 1")
+    _check(config, f"{t}.lr", positive, "> 0")
+    _check(config, f"{t}.eps", positive, "> 0")
+    for field in ("b1", "b2"):
+      _check(config, f"{t}.{field}", unit, "in [0, 1) (Adam's moment decay)")
+    _check(config, f"{t}.ema_decay", unit, "in [0, 1) (0 = keep no EMA copy)")
+    _check(config, f"{t}.clip_norm", non_negative, ">= 0 (0 = no gradient clipping)")
+  _check(config, "train.autoencoder.lr_disc", positive, "> 0")
+  for field in ("kl_weight", "adv_weight"):
+    _check(config, f"train.autoencoder.{field}", non_negative, ">= 0")
+  _check(config, "train.representation.encoder_lr_scale", positive, "> 0 (1 = the reference's one learning rate)")
+  _check(config, "train.latents_batch_size", at_least_one, "an integer >= 1")
+  _check(config, "train.latents_records_per_shard", at_least_one, "an integer >= 1")
+  for field in ("val_fraction", "test_fraction"):
+    _check(config, f"data.{field}", unit, "in [0, 1)")
+  if config.data.val_fraction + config.data.test_fraction >= 1:
+    raise ValueError(f"config.data.val_fraction={config.data.val_fraction} + config.data.test_fraction="
+                     f"{config.data.test_fraction} leave no subjects to train on; their sum must be < 1.")
+  _check(config, "data.image_shape", lambda v: len(v) == 3 and all(s >= 1 for s in v), "three sizes >= 1 (X, Y, Z)")
+  _check(config, "data.spacing_mm", positive, "> 0")
+  _check(config, "data.percentile_clip", lambda v: 0 <= v < 100, "in [0, 100) (0 = plain min-max)")
+  _check(config, "data.num_workers", non_negative, "an integer >= 0 (0 = read in the main process)")
+  _check(config, "data.synthetic.subjects", at_least_one, "an integer >= 1")
+  for field in ("atrophy_scale", "nuisance_scale"):
+    _check(config, f"data.synthetic.{field}", non_negative, ">= 0")
+  _check(config, "diffusion.timesteps", at_least_one, "an integer >= 1")
+  _check(config, "diffusion.scale_factor", non_negative, ">= 0 (0 = computed at the latents stage)")
+  _check(config, "eval.ddim_steps", lambda v: len(v) >= 1 and all(1 <= s <= config.diffusion.timesteps for s in v),
+         f"one or more step counts in [1, config.diffusion.timesteps={config.diffusion.timesteps}]")
+  for field in ("batch_size", "max_scans", "num_variations", "ssim_kernel"):
+    _check(config, f"eval.{field}", at_least_one, "an integer >= 1")
 
 
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:

@@ -105,3 +105,21 @@ def test_cli_errors_are_clear(refdir, tiny_cfg, tmp_path, capsys):
                str(tmp_path / "o"), "--input", str(refdir / "unet_tiny.npz")]) == 2
   assert "label_emb.weight" in capsys.readouterr().err
   assert not (tmp_path / "o").exists()
+
+
+def test_cli_finds_shift_unet_under_lightning_ema_decoder(load_fixture, tiny_cfg, tmp_path, capsys):
+  """A stage-3 Lightning checkpoint holds the ShiftUNet as `ema_decoder.` (and `decoder.`) beside the encoder:
+  the CLI converts the EMA copy without --prefix."""
+  params = {k[len("param/"):]: v for k, v in load_fixture("shift_unet_tiny").items() if k.startswith("param/")}
+  ckpt = {f"ema_decoder.{k}": v for k, v in params.items()}
+  ckpt |= {f"decoder.{k}": v + 1.0 for k, v in params.items()}  # the raw weights differ from the EMA ones
+  ckpt |= {"ema_encoder.query_projection.weight": np.zeros((16, 16), np.float32)}
+  np.savez(tmp_path / "stage3.npz", **ckpt)
+  out = tmp_path / "shift_ckpt"
+  assert main(["--network", "shift_unet", "--config", str(tiny_cfg / "tiny.py"), "--input",
+               str(tmp_path / "stage3.npz"), "--output", str(out)]) == 0
+  assert f"{len(params)} tensors converted" in capsys.readouterr().out
+  model = build_abstract("shift_unet", load_config(str(tiny_cfg / "tiny.py")))
+  load_converted(str(out), model)
+  np.testing.assert_array_equal(np.asarray(model.label_emb.kernel[...]), params["label_emb.weight"].T)
+  np.testing.assert_array_equal(np.asarray(model.unet.out_2.bias[...]), params["out.2.bias"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -37,12 +38,13 @@ def test_reads_columns_labels_sessions_and_relative_paths(tmp_path):
   assert [r.session_months for r in recs] == [0, 12, 24, 6, 0]
   assert [r.scan_id for r in recs] == ["s1_ses-M000", "s1_ses-M012", "s2_ses-M024", "s3_ses-M006", "s4_ses-M000"]
   assert recs[0].path == str((tmp_path / "s1/ses-M000/a.nii.gz").resolve())
-  assert recs[1].latent_path == str((tmp_path / "lat/s1_12.npz").resolve()) and recs[0].latent_path == ""
+  # A `latent_path` column (written by earlier versions; the latents now live in shards) is ignored.
+  assert "latent_path" not in {f.name for f in dataclasses.fields(M.ScanRecord)}
   assert math.isnan(recs[2].age) and recs[0].age == 70.5
   # Optional columns may be absent altogether.
   csv2 = _cohort(tmp_path, ["s9,x/ses-M018/s9.nii,CN,60"], header="subject,path,diagnosis,age")
   (r,) = M.read_manifest(csv2)
-  assert r.session_months == 18 and r.latent_path == ""
+  assert r.session_months == 18
 
 
 def test_missing_column_names_file_and_fix(tmp_path):
@@ -94,18 +96,19 @@ def test_write_read_round_trip(tmp_path):
   csv = _cohort(tmp_path, ["s1,d/ses-M000/a.nii,CN,70.25,,", "s2,d/b.nii,AD,,6,/abs/lat.npz"])
   recs = M.read_manifest(csv)
   out = M.write_manifest(recs, tmp_path / "copy.csv")
-  assert out.read_text().splitlines()[1] == "s1,d/ses-M000/a.nii,CN,70.25,0,"  # relative inside the folder
+  assert out.read_text().splitlines()[:2] == ["subject,path,diagnosis,age,session",
+                                              "s1,d/ses-M000/a.nii,CN,70.25,0"]  # relative inside the folder
   back = M.read_manifest(out)
   assert [r.scan_id for r in back] == [r.scan_id for r in recs]
   assert [r.path for r in back] == [r.path for r in recs]
-  assert back[1].latent_path == "/abs/lat.npz" and math.isnan(back[1].age)
+  assert math.isnan(back[1].age)
   assert not list(tmp_path.glob(".tmp-*"))
 
 
 def _records(n_subjects, sessions=3):
   dxs = ("AD", "CN", "MCI")
   return [M.ScanRecord(subject=f"s{i:03d}", path=f"/d/s{i:03d}_{k}.nii", diagnosis=dxs[i % 3], label=i % 3,
-                       age=70.0, session_months=6 * k, latent_path="", scan_id=M.scan_id(f"s{i:03d}", 6 * k))
+                       age=70.0, session_months=6 * k, scan_id=M.scan_id(f"s{i:03d}", 6 * k))
           for i in range(n_subjects) for k in range(sessions)]
 
 
@@ -128,3 +131,37 @@ def test_split_by_subject_disjoint_deterministic_stratified():
   assert len({r.subject for r in tiny["val"]}) == 1 and len({r.subject for r in tiny["test"]}) == 2
   with pytest.raises(ValueError, match="non-empty train split"):
     M.split_by_subject(_records(2), val_fraction=0.5, test_fraction=0.5, seed=0)
+
+
+def _bad_cohort(tmp_path):
+  """A manifest of one good scan, a truncated .nii.gz, a 4D file and a file with NaN voxels."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from ldae_jax.data import nifti  # pylint: disable=import-outside-toplevel
+  vol = np.random.default_rng(0).random((8, 10, 8)).astype(np.float32)
+  nifti.save_volume(tmp_path / "good.nii.gz", vol)
+  full = nifti.save_volume(tmp_path / "cut.nii.gz", vol).read_bytes()
+  (tmp_path / "cut.nii.gz").write_bytes(full[: len(full) // 2])  # a copy interrupted half way
+  import nibabel as nib  # pylint: disable=import-outside-toplevel
+  nib.save(nib.Nifti1Image(np.zeros((8, 10, 8, 3), np.float32), np.eye(4)), str(tmp_path / "fmri.nii.gz"))
+  nan = vol.copy()
+  nan[2, 3, 4] = np.nan
+  nib.save(nib.Nifti1Image(nan, np.eye(4)), str(tmp_path / "nan.nii"))
+  csv = tmp_path / "manifest.csv"
+  csv.write_text("subject,path,diagnosis,age\ns1,good.nii.gz,CN,70\ns2,cut.nii.gz,AD,71\n"
+                 "s3,fmri.nii.gz,MCI,72\ns4,nan.nii,CN,73\n")
+  return csv
+
+
+def test_check_scan_files_lists_every_bad_file_at_once(tmp_path):
+  recs = M.read_manifest(_bad_cohort(tmp_path))
+  with pytest.raises(M.ManifestError) as e:
+    M.check_scan_files(recs, source="manifest.csv")
+  msg = str(e.value)
+  assert msg.startswith("3 of the 4 scans in manifest.csv cannot be used")
+  assert "good.nii.gz" not in msg
+  lines = msg.splitlines()
+  assert any("s2_ses-M000" in l and "cut.nii.gz" in l and "cannot read" in l for l in lines)
+  assert any("s3_ses-M000" in l and "fmri.nii.gz" in l and "not one 3D volume" in l for l in lines)
+  assert any("s4_ses-M000" in l and "nan.nii" in l and "NaN" in l for l in lines)
+  assert "remove their rows" in msg
+  M.check_scan_files(recs[:1])  # the good one alone passes

@@ -11,7 +11,7 @@ from ldae_jax.config import load_config
 from ldae_jax.models import __main__ as summary_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# ldae_reference.md section 5 / param_counts.json
+# the reference's counts (param_counts.json of the reference test vectors)
 PAPER = {"AutoencoderKL": 13_766_248, "PatchDiscriminator": 11_048_769, "UNet": 486_927_363,
          "ShiftUNet": 865_339_142, "SemanticEncoder": 53_588_065}
 

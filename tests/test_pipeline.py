@@ -3,6 +3,8 @@ and the latents stage's single-writer rule for multi-process runs."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -46,6 +48,9 @@ def test_all_stages_run_in_order_and_a_rerun_skips_them(workdir, capsys):
   assert list(out) == list(pipeline.ORDER)
   for stage in pipeline.ORDER:
     assert loop.is_complete(wd / stage), stage
+  # The resolved config and the subject split are recorded beside the stages.
+  assert json.loads((wd / pipeline.CONFIG_FILE).read_text())["data"]["image_shape"] == [32, 40, 32]
+  assert sum(len(v) for v in json.loads((wd / "splits.json").read_text()).values()) == 6  # subjects
   for stage in ("autoencoder", "ldm", "representation"):
     assert out[stage]["steps"] == 2 and np.isfinite(out[stage]["final_loss"]), stage
   # Latents: one record per scan of each split, images stored for stage 3, and the scale factor is
@@ -72,3 +77,15 @@ def test_latents_other_processes_only_read_what_process_0_wrote(workdir, monkeyp
   summary = latents_stage.run(tiny_pipeline_config(), wd)
   assert summary["scale_factor"] == out["latents"]["scale_factor"]
   assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before  # nothing rewritten
+
+
+def test_bad_scan_files_stop_the_run_before_anything_is_built(tmp_path):
+  from test_manifest import _bad_cohort  # pylint: disable=import-outside-toplevel
+  from ldae_jax.data.manifest import ManifestError  # pylint: disable=import-outside-toplevel
+  c = tiny_pipeline_config()
+  (tmp_path / "data").mkdir()
+  c.data.manifest = str(_bad_cohort(tmp_path / "data"))
+  wd = tmp_path / "run"
+  with pytest.raises(ManifestError, match="3 of the 4 scans"):
+    pipeline.run(c, wd)
+  assert not wd.exists()  # no stage folder, nothing compiled

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +55,39 @@ def test_fixture_forward_matches_reference(tiny):
 def test_positional_table_equals_reference_buffer(tiny):
   pe = tiny[0]["param/positional_encoding.pe"][0]
   np.testing.assert_allclose(positional_table(16, 128), pe, rtol=0, atol=1e-6)
+
+
+def torch_like_table(length: int, dim: int, seed: int = 0) -> np.ndarray:
+  """The reference buffer as torch builds it: float32 exp of float32 arange * -(ln 10000 / d), sin/cos of the
+  float32 product. torch's exp rounds ~40 % of the frequencies to a neighbouring float (1-2 ulp) where
+  numpy's does not; emulated here by moving those frequencies (never w_0 = exp(0) = 1, exact in both)."""
+  rng = np.random.default_rng(seed)
+  freq = np.exp(np.arange(0, dim, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / dim))
+  ulps = rng.choice([-2, -1, 1, 2], freq.shape) * (rng.random(freq.shape) < 0.4)
+  ulps[0] = 0
+  freq = (freq + ulps * np.spacing(freq)).astype(np.float32)
+  angle = np.arange(length, dtype=np.float32)[:, None] * freq
+  pe = np.zeros((length, dim), np.float32)
+  pe[:, 0::2], pe[:, 1::2] = np.sin(angle), np.cos(angle)
+  return pe
+
+
+def test_pe_check_accepts_torch_rounding_refuses_wrong_tables():
+  model = SimpleNamespace(emb_dim=768, seq_len=128)
+  ours = positional_table(128, 768)
+  genuine = torch_like_table(128, 768)
+  assert np.abs(genuine - ours).max() > 1e-5  # what a flat atol of 1e-5 refused (1.5e-5, as the real buffer)
+  conv_e._check_pe(genuine[None], model, "genuine")
+  one_off = genuine.copy()
+  one_off[100, 7] += 1e-3
+  concatenated = np.concatenate([genuine[:, 0::2], genuine[:, 1::2]], axis=1)  # sin block, then cos block
+  swapped = genuine.reshape(128, 384, 2)[..., ::-1].reshape(128, 768)  # cos/sin instead of sin/cos
+  for name, bad in [("one entry off", one_off), ("not interleaved", concatenated), ("cos first", swapped),
+                    ("width 512", torch_like_table(128, 512))]:
+    with pytest.raises(ConversionError, match="positional_encoding.pe"):
+      conv_e._check_pe(bad[None], model, name)
+  with pytest.raises(ConversionError, match="seq_len"):
+    conv_e._check_pe(torch_like_table(160, 768)[None], model, "coronal")
 
 
 def test_encoder_sees_axial_slices(tiny):

@@ -40,6 +40,9 @@ def test_paper_config_ldm_stage_runs_tiny(tmp_path):
   out = _train(tmp_path)
   assert out.returncode == 0, out.stderr[-4000:]
   assert "[ldm] done: 3 steps" in out.stdout
+  # The package's INFO lines show by default (libraries' do not); a non-terminal gets plain progress lines.
+  assert "compiled ldm step in" in out.stderr and "saved checkpoint 3 to" in out.stderr
+  assert "\r" not in out.stderr and "[ldm] step 2/3: loss" in out.stdout
   stage = tmp_path / "ldm"
   summary = json.loads((stage / "summary.json").read_text())
   assert summary["steps"] == 3 and np.isfinite(summary["final_loss"]) and summary["compile_seconds"] > 0
@@ -53,3 +56,17 @@ def test_bad_stage_and_unknown_field_are_rejected(tmp_path):
   assert out.returncode != 0 and "config.stage='ldmm'" in out.stderr
   out = _train(tmp_path, "--config.unet.base_chanels=8")
   assert out.returncode != 0 and "base_chanels" in out.stderr
+
+
+def test_user_errors_are_one_line_without_traceback_and_leave_no_folders(tmp_path):
+  wd = tmp_path / "run"
+  bad_value = _train(wd, "--config.train.ldm.steps=-5")
+  bad_manifest = _train(wd, "--config.data.manifest=" + str(tmp_path / "nowhere.csv"), "--config.stage=autoencoder")
+  no_weights = _train(wd, "--config.stage=latents")  # no autoencoder checkpoint in the workdir
+  for out, says in [(bad_value, "config.train.ldm.steps=-5"), (bad_manifest, "nowhere.csv"),
+                    (no_weights, "run the autoencoder stage first")]:
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "error: " in out.stderr and says in out.stderr and "--verbose" in out.stderr
+  assert not wd.exists()  # the failed latents run made its folders and removed them again
+  verbose = _train(wd, "--config.train.ldm.steps=-5", "--verbose")
+  assert verbose.returncode == 2 and "Traceback" in verbose.stderr

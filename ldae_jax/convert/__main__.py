@@ -2,7 +2,7 @@
 
   python -m ldae_jax.convert --network {unet,shift_unet,autoencoder,discriminator,encoder} \
       --config configs/X.py[:variant] --input ckpt(.pth|.ckpt|.npz) --output DIR [--prefix P] \
-      [--convnext-imagenet PATH] [--force]
+      [--convnext_imagenet PATH] [--force]
 
 The network is built abstractly for the config (`nnx.eval_shape`: no random init, no memory for the
 paper-size 865 M-parameter ShiftUNet beyond the converted arrays), every reference tensor is mapped and
@@ -11,7 +11,7 @@ checked (`convert/common.py`), and the network's parameters and batch statistics
 writes to a temporary folder and renames it when complete, so DIR is either absent or whole.
 `load_converted(DIR, model)` restores it into a model built for the same config.
 
-`--convnext-imagenet PATH` (encoder only, instead of --input) starts a fresh encoder (seed config.seed)
+`--convnext_imagenet PATH` (encoder only, instead of --input) starts a fresh encoder (seed config.seed)
 whose ConvNeXt backbone is loaded from torchvision ImageNet weights (stem summed to one channel).
 """
 
@@ -122,9 +122,9 @@ def convert_file(network: str, config: ml_collections.ConfigDict, input_path: st
   mod = converter(network)
   if convnext_imagenet:
     if network != "encoder":
-      raise ValueError("--convnext-imagenet only applies to --network encoder.")
+      raise ValueError("--convnext_imagenet only applies to --network encoder.")
     if input_path:
-      raise ValueError("Give either --input (a trained LDAE encoder) or --convnext-imagenet (a fresh encoder "
+      raise ValueError("Give either --input (a trained LDAE encoder) or --convnext_imagenet (a fresh encoder "
                        "with an ImageNet backbone), not both.")
     model = builder(network)(config, nnx.Rngs(config.seed))  # the heads need a real random init
     report = mod.load_pretrained_convnext(convnext_imagenet, model)
@@ -148,14 +148,17 @@ def convert_file(network: str, config: ml_collections.ConfigDict, input_path: st
 
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m ldae_jax.convert", description=__doc__.split("\n\n")[0])
-  p.add_argument("--network", required=True, choices=sorted(NETWORKS))
+  p.add_argument("--network", required=True, choices=sorted(NETWORKS), help="which network the checkpoint holds")
   p.add_argument("--config", required=True, help="configs/X.py[:variant]; sizes must match the checkpoint")
   p.add_argument("--input", help="reference checkpoint: .pth/.pt/.ckpt (needs torch) or .npz")
   p.add_argument("--output", required=True, help="orbax checkpoint folder to create")
   p.add_argument("--prefix", default=None,
                  help="key prefix to strip (default: the converter's known Lightning prefixes, auto-detected)")
-  p.add_argument("--convnext-imagenet", default=None,
+  p.add_argument("--convnext_imagenet", default=None,
                  help="encoder only: torchvision ConvNeXt ImageNet state dict for a fresh encoder's backbone")
+  # The dashed spelling of earlier versions, kept working but not shown: every CLI of the package spells its
+  # flags with underscores, as train.py / evaluate.py's absl flags must.
+  p.add_argument("--convnext-imagenet", dest="convnext_imagenet", help=argparse.SUPPRESS)
   p.add_argument("--force", action="store_true", help="overwrite an existing --output")
   args = p.parse_args(argv)
   try:

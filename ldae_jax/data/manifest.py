@@ -9,7 +9,6 @@ Columns (the reference's `BrainMRDataModule` schema, section 3.1 of the referenc
 | `diagnosis` | yes | one of `classes` (default AD / CN / MCI; matched case-insensitively) |
 | `age` | yes | years at the scan; an empty cell or NaN is allowed |
 | `session` | no | months since baseline (`12`, `M12`, `ses-M12`); else `ses-M<months>` in `path`; else 0 |
-| `latent_path` | no | `.npz` latent written by the latents stage; may be empty |
 
 The path pattern is the reference's regex. Extra columns are ignored. Labels are indices into `sorted(classes)` as in the reference (AD=0, CN=1, MCI=2).
 A scan is identified by `<subject>_ses-M<months, 3 digits>`; two rows with the same id or the same file are
@@ -32,8 +31,8 @@ import numpy as np
 from ldae_jax.data import atomic
 
 REQUIRED_COLUMNS = ("subject", "path", "diagnosis", "age")
-OPTIONAL_COLUMNS = ("session", "latent_path")
-WRITE_COLUMNS = ("subject", "path", "diagnosis", "age", "session", "latent_path")
+OPTIONAL_COLUMNS = ("session",)
+WRITE_COLUMNS = ("subject", "path", "diagnosis", "age", "session")
 DEFAULT_CLASSES = ("AD", "CN", "MCI")
 SESSION_IN_PATH = re.compile(r"ses-M(\d+)")
 _SESSION_CELL = re.compile(r"^(?:ses-)?M?(\d+)$", re.IGNORECASE)
@@ -53,7 +52,6 @@ class ScanRecord:
   label: int
   age: float
   session_months: int
-  latent_path: str
   scan_id: str
 
 
@@ -162,13 +160,32 @@ def read_manifest(csv_path: str | os.PathLike, *, classes: Sequence[str] = DEFAU
                           "of the rows.")
     seen_ids[sid] = line
     seen_paths[path] = line
-    latent = cell.get("latent_path", "")
     records.append(ScanRecord(subject=subject, path=path, diagnosis=dx, label=classes.index(dx), age=age,
-                              session_months=months, latent_path=_resolve(latent, base) if latent else "",
-                              scan_id=sid))
+                              session_months=months, scan_id=sid))
   if not records:
     raise ManifestError(f"{csv_path}: no row has a diagnosis in {list(classes)}; check config.data.classes.")
   return records
+
+
+def check_scan_files(records: Sequence[ScanRecord], *, source: str = "the manifest",
+                     max_workers: int = 8) -> None:
+  """Reads every scan's NIfTI (header and data, in a thread pool: zlib and file reads release the GIL) and
+  raises one ManifestError listing every unreadable, non-3D, non-finite or affine-less file with its fix.
+
+  Run before any network is built, so that a bad file stops the run in seconds rather than at the stage
+  that first reads it, after the earlier ones trained.
+  """
+  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
+  from ldae_jax.data.nifti import check_file  # pylint: disable=import-outside-toplevel
+  if not records:
+    return
+  with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(records)))) as pool:
+    problems = list(pool.map(lambda r: check_file(r.path), records))
+  bad = [f"  {r.scan_id}: {p}" for r, p in zip(records, problems) if p is not None]
+  if bad:
+    raise ManifestError(f"{len(bad)} of the {len(records)} scans in {source} cannot be used:\n" + "\n".join(bad)
+                        + "\nFix or replace these files, or remove their rows from the manifest; nothing was "
+                        "trained.")
 
 
 def _relative(p: str, base: pathlib.Path) -> str:
@@ -190,8 +207,7 @@ def write_manifest(records: Iterable[ScanRecord], csv_path: str | os.PathLike) -
   w.writerow(WRITE_COLUMNS)
   for r in records:
     age = "" if r.age is None or math.isnan(r.age) else f"{r.age:.2f}"
-    w.writerow([r.subject, _relative(r.path, base), r.diagnosis, age, int(r.session_months),
-                _relative(r.latent_path, base)])
+    w.writerow([r.subject, _relative(r.path, base), r.diagnosis, age, int(r.session_months)])
   return atomic.write_bytes(csv_path, buf.getvalue().encode("utf-8"))
 
 

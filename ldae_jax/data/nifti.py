@@ -206,6 +206,19 @@ def _read(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   return data, affine
 
 
+def check_file(path: str | os.PathLike) -> str | None:
+  """None if `path` reads as one finite 3D volume with a usable affine, else the problem (and its fix).
+
+  The same header and data checks as `load_volume` (the whole file is decompressed, so a truncated .nii.gz
+  is found), without the preprocessing: for checking a cohort before training starts.
+  """
+  try:
+    _read(pathlib.Path(path))
+  except NiftiError as e:
+    return str(e)
+  return None
+
+
 def load_volume(path: str | os.PathLike, *, shape: Sequence[int] = DEFAULT_SHAPE,
                 spacing_mm: float = DEFAULT_SPACING_MM, percentile_clip: float = 0.0) -> np.ndarray:
   """Reads any NIfTI (nibabel) and returns the preprocessed float32 `(X, Y, Z)` RAS volume in [0, 1]."""

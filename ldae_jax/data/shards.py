@@ -531,7 +531,7 @@ class LatentDataset:
     return f"LatentDataset({str(self.shard_dir)!r}, n={len(self)}, fields={self.fields})"
 
 
-def _ensure_absl_flags_parsed() -> None:
+def ensure_absl_flags_parsed() -> None:
   """grain reads its absl flags in worker threads; outside an absl app they are unparsed and would raise."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
@@ -604,7 +604,7 @@ def make_iterator(shard_dir: str | os.PathLike, *, global_batch_size: int, seed:
   The iterator's `get_state()` / `set_state()` resume exactly (JSON-able dict); save it with orbax via
   `grain.checkpoint.CheckpointSave(iterator)`. Close iterators that use workers with `.close()`.
   """
-  _ensure_absl_flags_parsed()
+  ensure_absl_flags_parsed()
   return iter(make_dataset(
       shard_dir, global_batch_size=global_batch_size, seed=seed, shuffle=shuffle, repeat=repeat,
       drop_remainder=drop_remainder, fields=fields, num_workers=num_workers, process_index=process_index,

@@ -433,7 +433,8 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
   width = max(4, len(str(subjects)))
   records, truth = [], []
   load_atlas(float(spacing_mm))
-  bar = tqdm(range(subjects), desc="synthetic cohort", unit="subject", disable=not progress)
+  bar = tqdm(range(subjects), desc="synthetic cohort", unit="subject",
+             disable=not progress or not sys.stderr.isatty())  # no carriage-return frames in a log file
   for i in bar:
     diagnosis, age0, months_list, rng = _subject_plan(seed, i, (lo, hi), interval_months)
     anatomy = build_anatomy(shape, spacing_mm, rng, pose_scale=nuisance_scale)
@@ -450,7 +451,7 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
       records.append(manifest_lib.ScanRecord(
           subject=subject, path=str((out / rel).resolve()), diagnosis=diagnosis,
           label=sorted(manifest_lib.DEFAULT_CLASSES).index(diagnosis), age=age, session_months=months,
-          latent_path="", scan_id=manifest_lib.scan_id(subject, months)))
+          scan_id=manifest_lib.scan_id(subject, months)))
       truth.append(dict(scan_id=manifest_lib.scan_id(subject, months), subject=subject,
                         session_months=months, diagnosis=diagnosis, age=age, years_from_baseline=years,
                         **measures))
@@ -480,17 +481,21 @@ def _ints(text: str, n: int, name: str) -> tuple[int, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m ldae_jax.data.synthetic", description=__doc__.split("\n")[0])
   p.add_argument("--out", required=True, help="output folder (created)")
-  p.add_argument("--subjects", type=int, default=200)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--subjects", type=int, default=200, help="number of subjects (default 200)")
+  p.add_argument("--seed", type=int, default=0, help="random seed of the cohort (default 0)")
   p.add_argument("--shape", default="128,160,128", help="X,Y,Z voxels (default 128,160,128)")
   p.add_argument("--spacing", type=float, default=1.5, help="isotropic voxel size in mm (default 1.5)")
   p.add_argument("--sessions", default="2,5", help="min,max sessions per subject (default 2,5)")
   p.add_argument("--interval", type=int, default=6, help="months between sessions (default 6)")
-  p.add_argument("--atrophy-scale", type=float, default=1.0,
+  p.add_argument("--atrophy_scale", type=float, default=1.0,
                  help="multiplies the age/disease atrophy (default 1: real-cohort volumes; >1 for coarse grids)")
-  p.add_argument("--nuisance-scale", type=float, default=1.0,
+  p.add_argument("--nuisance_scale", type=float, default=1.0,
                  help="multiplies head pose/size and bias-field variation (default 1: unregistered, uncorrected "
                       "scans; ~0.25: residuals after affine registration to MNI and N4)")
+  # The dashed spellings of earlier versions, kept working but not shown: every CLI of the package spells
+  # its flags with underscores, as train.py / evaluate.py's absl flags must.
+  p.add_argument("--atrophy-scale", dest="atrophy_scale", type=float, help=argparse.SUPPRESS)
+  p.add_argument("--nuisance-scale", dest="nuisance_scale", type=float, help=argparse.SUPPRESS)
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
   try:

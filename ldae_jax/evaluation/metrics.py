@@ -1,6 +1,6 @@
 """Image-similarity metrics for 3D volumes: SSIM and MS-SSIM (MONAI formulation), MSE, PSNR.
 
-The reference logs MONAI-Generative's `SSIMMetric` / `MultiScaleSSIMMetric` (ldae_reference.md §4.3): a separable
+The reference's reconstruction evaluation logs MONAI-Generative's `SSIMMetric` / `MultiScaleSSIMMetric`: a separable
 Gaussian window (kernel 3 since 2025-09, 4 when the paper's numbers were produced, 4 in the interpolation script),
 sigma 1.5, K1 0.01, K2 0.03, data range 1, *valid* filtering (no padding) and the mean of the SSIM map per volume.
 The statistics are the population (not sample) variances, as in MONAI. These functions reproduce that formula in

@@ -1,7 +1,7 @@
 """Throughput measurements: train steps, DDIM encode/sample for LDAE and an image-space DAE, in one run.
 
-The paper claims LDAE infers "20x faster" than a voxel-space diffusion autoencoder but ships no measurement
-(ldae_reference.md §4.5). This module measures both side by side on the same device and in the same process, so
+The paper claims LDAE infers "20x faster" than a voxel-space diffusion autoencoder but ships no measurement.
+This module measures both side by side on the same device and in the same process, so
 the ratio is not confounded by different machines or software:
 * every workload is `jax.jit(f).lower(*args).compile()`d ahead of time (compile time reported separately), then
   run `warmup` times and timed `repeats` times with `block_until_ready` (median reported);

@@ -5,7 +5,8 @@
 Each network is built under `nnx.eval_shape`, so even the 865 M-parameter ShiftUNet costs no memory. The
 paper config must give AutoencoderKL 13,766,248; PatchDiscriminator 11,048,769; UNet 486,927,363;
 ShiftUNet 865,339,142 (trainable shift branch 378,411,779); semantic encoder 53,588,065 (the reference's
-counts, `ldae_reference.md` section 5). A network whose module is not importable is reported as missing.
+counts, as in the reference test vectors' `param_counts.json`). A network whose module is not importable is
+reported as missing.
 """
 
 from __future__ import annotations

@@ -23,12 +23,14 @@ See docs/multihost.md.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-from absl import logging
+
+log = logging.getLogger(__name__)  # shown by the CLIs (ldae_jax.cli.common.setup_logging)
 
 MODES = ("auto", "always", "never")
 ENV_COORDINATOR = "LDAE_COORDINATOR"
@@ -179,7 +181,7 @@ def info(initialized: bool, reason: str) -> DistributedInfo:
 
 
 def _log(d: DistributedInfo) -> None:
-  logging.info("process %d of %d; %d local / %d global devices (%s); distributed %s: %s",
+  log.info("process %d of %d; %d local / %d global devices (%s); distributed %s: %s",
                d.process_index, d.process_count, d.local_device_count, d.device_count,
                jax.local_devices()[0].platform if jax.local_devices() else "none",
                "initialised" if d.initialized else "not initialised", d.reason)
@@ -215,7 +217,7 @@ def maybe_initialize(dist_config: Any, env: Mapping[str, str] | None = None) -> 
       return d
     reason = f"auto-detected {cluster}"
   local_ids = slurm_local_device_ids(env)
-  logging.info("jax.distributed.initialize(coordinator_address=%s, num_processes=%s, process_id=%s, "
+  log.info("jax.distributed.initialize(coordinator_address=%s, num_processes=%s, process_id=%s, "
                "local_device_ids=%s) [%s]", args.coordinator_address, args.num_processes, args.process_id,
                local_ids, reason)
   jax.distributed.initialize(coordinator_address=args.coordinator_address,

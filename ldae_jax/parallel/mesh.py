@@ -13,16 +13,17 @@ optax state and an EMA copy alike; shardings are computed from shapes only, befo
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)  # shown by the CLIs (ldae_jax.cli.common.setup_logging)
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -244,24 +245,12 @@ def compile_aot(jitted_fn: Callable[..., Any], *abstract_args: Any, name: str = 
   seconds = time.perf_counter() - t0
   flops = _cost_flops(compiled)
   if flops is None:
-    logging.info("compiled %s in %.2f s (no XLA cost analysis)", name, seconds)
+    log.info("compiled %s in %.2f s (no XLA cost analysis)", name, seconds)
   else:
-    logging.info("compiled %s in %.2f s; XLA cost analysis: %.4g GFLOP per call", name, seconds, flops / 1e9)
+    log.info("compiled %s in %.2f s; XLA cost analysis: %.4g GFLOP per call", name, seconds, flops / 1e9)
   return AotCompiled(compiled, seconds, flops)
 
 
 def abstract_with_sharding(tree: PyTree, shardings: PyTree) -> PyTree:
   """ShapeDtypeStructs of `tree` carrying `shardings`: the arguments `compile_aot` lowers with."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshInfo:
-  """What a run logs about its layout (summary.json, first log lines)."""
-  shape: dict[str, int]
-  num_devices: int
-  num_processes: int
-
-  @classmethod
-  def of(cls, mesh: Mesh) -> "MeshInfo":
-    return cls(dict(mesh.shape), int(mesh.devices.size), jax.process_count())

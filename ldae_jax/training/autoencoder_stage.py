@@ -1,18 +1,20 @@
-"""Stage 1: AutoencoderKL with a least-squares patch discriminator (reference §1.1).
+"""Stage 1: AutoencoderKL with a least-squares patch discriminator (the reference's first stage).
 
-Generator: L_G = L1 + kl_weight * KL + adv_weight * mean (D(x_hat) - 1)^2 (+ perceptual, see below).
+Generator: L_G = L1 + kl_weight * KL + adv_weight * mean (D(x_hat) - 1)^2 (the reference adds a perceptual
+term, see below).
 Discriminator: L_D = adv_weight * 0.5 * [mean D(x_hat)^2 + mean (D(x) - 1)^2], x_hat detached; fake and real
 in separate calls (separate BatchNorm batch statistics), as the reference does.
 
 The two networks have separate Adam optimizers (lr, lr_disc) and are clipped separately. The reference's
-generator backward also deposits the gradient of adv_weight * (D(x_hat)-1)^2 into D's gradients (§6 bug 22);
-that leak is off here and reproduced only with `config.train.autoencoder.reference_disc_grad_leak`.
+generator backward also deposits the gradient of adv_weight * (D(x_hat)-1)^2 into D's gradients
+(docs/fidelity.md, "Reference bugs"); that leak is off here and reproduced only with
+`config.train.autoencoder.reference_disc_grad_leak`.
 Both gradients of a micro-batch come from the same, not yet updated, networks: with accumulation the
 reference also steps both only after the last micro-batch, and without it its D step sees the x_hat computed
 before the G step, so this matches its update order.
 
-The perceptual (fake-3D LPIPS) term needs LPIPS/SqueezeNet weights this port does not ship; it is off by
-default (`perceptual_weight = 0`) and the stage says so in its log.
+The reference's perceptual (fake-3D LPIPS) term needs LPIPS/SqueezeNet weights this port does not ship, so it
+is not implemented (no config field pretends otherwise) and the stage says so in its log.
 """
 
 from __future__ import annotations
@@ -124,11 +126,7 @@ def build_networks(config: ml_collections.ConfigDict):
 
 def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> common.StageSpec:
   cfg = config.train.autoencoder
-  if cfg.perceptual_weight:
-    raise ValueError(
-        f"config.train.autoencoder.perceptual_weight={cfg.perceptual_weight}: the fake-3D LPIPS term needs "
-        "LPIPS/SqueezeNet weights that this port does not implement; set it to 0 (the default).")
-  print("[autoencoder] perceptual (LPIPS) term: off (config.train.autoencoder.perceptual_weight=0); "
+  print("[autoencoder] perceptual (LPIPS) term: not implemented; "
         f"discriminator gradient leak of the reference: {'ON' if cfg.reference_disc_grad_leak else 'off'}",
         flush=True)
   ae, disc = build_networks(config)

@@ -11,6 +11,7 @@ checkpoint written on 8 devices restores on 1 and vice versa.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import pathlib
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
+
+log = logging.getLogger(__name__)  # shown by the CLIs (ldae_jax.cli.common.setup_logging)
 
 PyTree = Any
 
@@ -71,7 +73,7 @@ class Checkpointer:
     self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_encode_data_state(data_state))), force=True)
     self.manager.wait_until_finished()
-    logging.info("saved checkpoint %d to %s", step, self.directory)
+    log.info("saved checkpoint %d to %s", step, self.directory)
 
   def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, Any]:
     """Restores `step` (default: the latest) onto the structure, dtypes and shardings of `target`.
@@ -90,9 +92,6 @@ class Checkpointer:
           f"checkpoint {self.directory}/{step} does not match the model built from the current config "
           f"(different sizes or networks?): {e}. Use the config that wrote it, or a fresh --workdir.") from e
     return out["state"], _decode_data_state(out["data"])
-
-  def restore_state_only(self, target: PyTree, step: int | None = None) -> PyTree:
-    return self.restore(target, step)[0]
 
   def close(self) -> None:
     self.manager.close()
@@ -118,25 +117,3 @@ def restore_newest(directory: str | os.PathLike, target: PyTree, *, what: str, m
     return restored, int(ckpt.latest_step())
   finally:
     ckpt.close()
-
-
-def restore_tree(directory: str | os.PathLike, target: PyTree, step: int | None = None) -> PyTree:
-  """Reads the `state` item of a stage checkpoint directory onto `target` (used across stages)."""
-  ckpt = Checkpointer(directory, keep=1000)
-  try:
-    return ckpt.restore(target, step)[0]
-  finally:
-    ckpt.close()
-
-
-def read_saved_metadata(directory: str | os.PathLike, step: int | None = None) -> PyTree:
-  """The saved `state` tree's shapes/dtypes without reading arrays (to diagnose a mismatch)."""
-  mgr = ocp.CheckpointManager(pathlib.Path(directory).absolute())
-  try:
-    step = mgr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
-    meta = mgr.item_metadata(step)
-    return meta["state"] if meta is not None and "state" in meta else None
-  finally:
-    mgr.close()

@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import logging
 
 from ldae_jax.parallel import mesh as pmesh
 from ldae_jax.training import loop
@@ -54,6 +53,18 @@ def stage_dir(workdir: str | os.PathLike, name: str) -> pathlib.Path:
   return pathlib.Path(workdir) / name
 
 
+def remove_empty_dirs(root: str | os.PathLike, *, keep_root: bool = False) -> None:
+  """Removes every empty folder under `root` (bottom up), and `root` itself when it ends up empty unless
+  `keep_root`: a failed run leaves no empty `autoencoder/checkpoints/` that looks like a started stage."""
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    return
+  for dirpath, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):  # deepest first
+    if (keep_root and pathlib.Path(dirpath) == root) or any(os.scandir(dirpath)):
+      continue
+    os.rmdir(dirpath)
+
+
 def state_shardings(state: TrainState, mesh, config: ml_collections.ConfigDict) -> PyTree:
   """Parameters, optimizer moments and EMA follow `config.mesh.param_sharding`; scalars stay replicated."""
   return pmesh.shardings_from_config(state, mesh, config.mesh)
@@ -90,7 +101,6 @@ def train_stage(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
     if data_state is not None:
       iterator.set_state(data_state)
     print(f"[{spec.name}] resumed from {ckpt.directory}/{start}", flush=True)
-    logging.info("resumed %s at step %d", spec.name, start)
   fields = tuple(spec.batch_shapes)
   heldout = None if spec.heldout_fn is None else jax.jit(spec.heldout_fn, out_shardings=replicated)
 

@@ -1,10 +1,11 @@
-"""Stage 1b: encode every scan of the manifest into latent shards (reference §1.2).
+"""Stage 1b: encode every scan of the manifest into latent shards (the reference caches latents too).
 
 One shard folder per split, `DIR/latents/shards/{train,val,test}`, each record holding the posterior mean
-and log-variance (not one stochastic sample, §6 bug 10), and, when `config.train.latents_store_images`,
-the preprocessed image that stage 3's encoder needs beside its latent. The diffusion scale factor is
-1 / std of all train-split mu elements (the reference's 0.8730 belongs to its own autoencoder) and is written
-into every split's metadata together with the autoencoder checkpoint it came from.
+and log-variance (not one stochastic sample; docs/fidelity.md, "Reference bugs"), and, when
+`config.train.latents_store_images`, the preprocessed image that stage 3's encoder needs beside its latent.
+The diffusion scale factor is 1 / std of all train-split mu elements (the reference's 0.8730 belongs to its
+own autoencoder) and is written into every split's metadata together with the autoencoder checkpoint it came
+from.
 
 In a multi-process run process 0 alone encodes and writes (every process would encode the same scans);
 the others wait at a barrier, then read the scale factor from the shards it wrote.

@@ -1,7 +1,8 @@
-"""Stage 2: eps-prediction pretraining of the latent UNet on the latent shards (reference §1.3).
+"""Stage 2: eps-prediction pretraining of the latent UNet on the latent shards (the reference's
+`ldae_pretrain.yaml`).
 
-z0 = scale * mu (the posterior mean, not one stored posterior sample as the reference does, §6 bug 10: a
-baked-in sigma*eps sample puts a floor under the loss), t ~ U{0..T-1}, z_t = q_sample(z0, t, eps),
+z0 = scale * mu (the posterior mean, not one stored posterior sample as the reference does, see docs/fidelity.md,
+"Reference bugs": a baked-in sigma*eps sample puts a floor under the loss), t ~ U{0..T-1}, z_t = q_sample(z0, t, eps),
 L = mean (eps - UNet(z_t, t))^2 with dropout active. Adam with the reference's settings after global-norm
 clipping; gradient accumulation by `lax.scan`; EMA once per optimizer step.
 """
@@ -162,7 +163,7 @@ def ema_unet_params(config: ml_collections.ConfigDict, workdir: str | os.PathLik
   """The stage-2 EMA UNet parameters (pure dict) from the newest `DIR/ldm` checkpoint, and its step.
 
   Raises FileNotFoundError naming the path and the fix when there is none, ValueError when the checkpoint
-  was written for different UNet sizes. (Stage 3 must never train on a random UNet, §6 bug 1.)
+  was written for different UNet sizes. (Stage 3 must never train on a random UNet; docs/fidelity.md, "Reference bugs".)
   """
   from ldae_jax.models import build_unet  # pylint: disable=g-import-not-at-top
   from ldae_jax.training.checkpoint import restore_newest  # pylint: disable=g-import-not-at-top

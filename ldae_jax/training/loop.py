@@ -2,9 +2,9 @@
 
 A stage supplies a compiled step `(state, batch) -> (state, metrics)` and an iterator; this module does the
 bookkeeping identically for all of them: resume from the newest checkpoint (state and iterator position),
-log metrics as JSONL and TensorBoard events, show a tqdm bar with loss and samples/s, checkpoint every
-`checkpoint_every` steps and at the end, and write `summary.json` last, atomically, so that its presence
-means "stage complete".
+log metrics as JSONL and TensorBoard events, show a tqdm bar with loss and samples/s (on a terminal; a plain
+line every `log_every` steps elsewhere), checkpoint every `checkpoint_every` steps and at the end, and write
+`summary.json` last, atomically, so that its presence means "stage complete".
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import numpy as np
-from absl import logging
 
 from ldae_jax.training.checkpoint import Checkpointer
 
@@ -92,9 +91,11 @@ def read_metrics(stage_dir: str | os.PathLike) -> list[dict[str, float]]:
 
 
 def _progress(total: int, initial: int, desc: str):
+  """A tqdm bar on a terminal; disabled elsewhere (a log file would get one carriage-return frame per second),
+  where `run_steps` prints a plain line every `log_every` steps instead."""
   from tqdm import tqdm
-  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0,
-              mininterval=1.0)
+  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0,
+              disable=jax.process_index() != 0 or not sys.stderr.isatty())
 
 
 def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyTree, PyTree], tuple[PyTree, dict]],
@@ -140,7 +141,14 @@ def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyT
           raise FloatingPointError(f"{name}: non-finite metrics at step {done}: {last}; lower "
                                    f"config.train.{name}.lr or check the data.")
         writer.write(done, {**last, "samples_per_s": samples_per_s})
-        bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4g}", sps=f"{samples_per_s:.1f}")
+        heldout = {k[len("heldout_"):]: v for k, v in last.items()
+                   if k.startswith("heldout_") and "_t" not in k[len("heldout_"):]}
+        bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4g}", sps=f"{samples_per_s:.1f}",
+                        **{k: f"{v:.3g}" for k, v in heldout.items()})
+        if bar.disable and jax.process_index() == 0:
+          extra = "".join(f", held-out {k} {v:.4g}" for k, v in heldout.items())
+          print(f"[{name}] step {done}/{total_steps}: loss {last.get('loss', float('nan')):.4g}, "
+                f"{samples_per_s:.1f} samples/s{extra}", flush=True)
       bar.update(1)
       if done % checkpoint_every == 0 or done == end:
         ckpt.save(done, state, iterator.get_state())
@@ -176,12 +184,7 @@ def finish_stage(stage_dir: str | os.PathLike, summary: dict[str, Any]) -> None:
           f"{'n/a' if loss is None else f'{loss:.5g}'}, "
           f"{'n/a' if sps is None else f'{sps:.2f}'} samples/s, compile {summary.get('compile_seconds', 0):.1f} s, "
           f"wall {summary.get('wall_seconds', 0):.1f} s -> {stage_dir}")
-  logging.info(line)
   print(line, flush=True)
-
-
-def host_scalar(x: Any) -> float:
-  return float(np.asarray(jax.device_get(x)))
 
 
 def read_summary(stage_dir: str | os.PathLike) -> dict[str, Any]:

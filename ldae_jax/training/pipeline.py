@@ -1,7 +1,10 @@
 """Stage dispatch: one stage, or `all` of them in order in one workdir, skipping completed ones.
 
 A stage is complete when `DIR/<stage>/summary.json` exists (written last, atomically). The synthetic
-cohort is generated into `DIR/cohort` on first use when `config.data.manifest` is empty.
+cohort is generated into `DIR/cohort` on first use when `config.data.manifest` is empty. Before a stage that
+reads the NIfTI files runs, every file of a user's manifest is read once, so that a bad one stops the run
+before anything trains. Every run writes its resolved config to `DIR/config.json`; the first stage that
+splits the cohort records the split in `DIR/splits.json`, which later stages check (`volumes.splits`).
 """
 
 from __future__ import annotations
@@ -10,11 +13,18 @@ import os
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 
+from ldae_jax.data import atomic
+from ldae_jax.training import common
 from ldae_jax.training import loop
+from ldae_jax.training import volumes
 
 ORDER = ("autoencoder", "latents", "ldm", "representation")
+# The stages that read the manifest's NIfTI files (the later ones read the latent shards).
+READS_SCANS = ("autoencoder", "latents")
+CONFIG_FILE = "config.json"
 
 
 def _module(stage: str):
@@ -33,7 +43,29 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, sta
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs `config.stage` (or all stages) in `workdir`; returns {stage: summary}."""
   workdir = pathlib.Path(workdir)
+  todo = [config.stage] if config.stage != "all" else [s for s in ORDER if not loop.is_complete(workdir / s)]
+  if any(s in READS_SCANS for s in todo):
+    volumes.check_scans(config, workdir)  # a bad file stops the run here, not after a stage trained
+  existed = workdir.is_dir()
   workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    write_config(config, workdir)
+    return _run_stages(config, workdir)
+  except BaseException:
+    common.remove_empty_dirs(workdir, keep_root=existed)  # folders are made eagerly; leave none empty behind
+    if not existed and workdir.is_dir() and [p.name for p in workdir.iterdir()] == [CONFIG_FILE]:
+      (workdir / CONFIG_FILE).unlink()  # nothing ran: no workdir that holds only a config
+      workdir.rmdir()
+    raise
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """`DIR/config.json`: the resolved config of the latest run in the workdir (file + command-line overrides)."""
+  if jax.process_index() == 0:
+    atomic.write_bytes(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True).encode())
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
   if config.stage != "all":
     return {config.stage: run_stage(config, workdir, config.stage)}
   out = {}

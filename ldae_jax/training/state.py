@@ -87,8 +87,9 @@ def ema_step(ema: PyTree, old_params: PyTree, new_params: PyTree, decay: float, 
   """EMA bookkeeping for one optimizer step.
 
   `updates=1` is one update towards the new parameters (our default). The reference updates its EMA after
-  every micro-batch (§6 bug 6): with `updates=k` accumulation micro-batches, k-1 updates see the unchanged
-  `old_params` and the last one the stepped `new_params` (effective decay decay**k per optimizer step).
+  every micro-batch (docs/fidelity.md, "Reference bugs"): with `updates=k` accumulation micro-batches, k-1
+  updates see the unchanged `old_params` and the last one the stepped `new_params` (effective decay decay**k
+  per optimizer step).
   """
   for _ in range(updates - 1):
     ema = ema_update(ema, old_params, decay)

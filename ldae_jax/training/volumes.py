@@ -77,11 +77,75 @@ def check_cohort_matches(meta_path: pathlib.Path, wanted: dict) -> None:
                      + "; ".join(diffs) + "). Use a new --workdir (the stages trained on the old cohort live in "
                      f"this one), or delete {meta_path.parent} to regenerate it here, or set the config back.")
 
+SPLITS_FILE = "splits.json"
+
+
 def splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, list[mf.ScanRecord]]:
-  """{train, val, test} scan records of the run's manifest, split by subject with `config.data.split_seed`."""
+  """{train, val, test} scan records of the run's manifest, split by subject with `config.data.split_seed`.
+
+  The first call in a workdir records the split in `DIR/splits.json` ({split: {subject: [scan ids]}}); every
+  later stage checks that the manifest and config still give exactly that split, so that an edited manifest
+  (or changed fractions / seed) cannot move a subject the autoencoder trained on into the test split unnoticed.
+  """
   records = mf.read_manifest(manifest_path(config, workdir), classes=tuple(config.data.classes))
-  return mf.split_by_subject(records, val_fraction=float(config.data.val_fraction),
-                             test_fraction=float(config.data.test_fraction), seed=int(config.data.split_seed))
+  out = mf.split_by_subject(records, val_fraction=float(config.data.val_fraction),
+                            test_fraction=float(config.data.test_fraction), seed=int(config.data.split_seed))
+  now = split_table(out)
+  path = pathlib.Path(workdir) / SPLITS_FILE
+  if path.is_file():
+    check_split_unchanged(json.loads(path.read_text()), now, path)
+  elif jax.process_index() == 0:
+    from ldae_jax.data import atomic  # pylint: disable=g-import-not-at-top
+    atomic.write_bytes(path, json.dumps(now, indent=1, sort_keys=True).encode())
+  return out
+
+
+def split_table(split_records: dict[str, list[mf.ScanRecord]]) -> dict[str, dict[str, list[str]]]:
+  """{split: {subject: [scan ids]}}: what splits.json holds."""
+  table: dict[str, dict[str, list[str]]] = {}
+  for split, recs in split_records.items():
+    table[split] = {}
+    for r in recs:
+      table[split].setdefault(r.subject, []).append(r.scan_id)
+  return table
+
+
+def check_split_unchanged(recorded: dict[str, dict[str, list[str]]], now: dict[str, dict[str, list[str]]],
+                          path: pathlib.Path) -> None:
+  """Raises ValueError naming every subject that changed split, appeared, disappeared or changed scans."""
+  if recorded == now:
+    return
+  def where(table):
+    return {subject: (split, sorted(ids)) for split, subjects in table.items() for subject, ids in subjects.items()}
+  old, new = where(recorded), where(now)
+  problems = []
+  for s in sorted(old.keys() | new.keys()):
+    if s not in new:
+      problems.append(f"{s}: was in {old[s][0]}, no longer in the manifest")
+    elif s not in old:
+      problems.append(f"{s}: new subject, now in {new[s][0]}")
+    elif old[s][0] != new[s][0]:
+      problems.append(f"{s}: moved from {old[s][0]} to {new[s][0]}")
+    elif old[s][1] != new[s][1]:
+      problems.append(f"{s}: scans {old[s][1]} -> {new[s][1]} (in {new[s][0]})")
+  listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+  raise ValueError(f"the manifest (or config.data's split settings) no longer gives the split recorded in {path} "
+                   f"when this workdir's first stage ran ({len(problems)} subjects differ):\n  {listed}\n"
+                   "The earlier stages trained on the recorded split: restore the manifest and config, or use a "
+                   "new --workdir for the new cohort.")
+
+
+def check_scans(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """Reads every file of a user's manifest once (`manifest.check_scan_files`) and raises listing the bad ones.
+
+  The generated synthetic cohort is skipped: its files are written by this package and complete once
+  cohort.json exists.
+  """
+  if not config.data.manifest:
+    return
+  path = manifest_path(config, workdir)
+  records = mf.read_manifest(path, classes=tuple(config.data.classes))
+  mf.check_scan_files(records, source=str(path))
 
 
 def load(record: mf.ScanRecord, config: ml_collections.ConfigDict) -> np.ndarray:
@@ -116,7 +180,8 @@ def make_iterator(records: Sequence[mf.ScanRecord], config: ml_collections.Confi
   """Shuffled, repeated grain iterator of process-local volume batches (get_state/set_state for resuming).
 
   Same scheme as the latent shards: one global seeded shuffle per epoch, then each process takes every
-  process_count-th element, so processes read disjoint scans.
+  process_count-th element, so processes read disjoint scans; `config.data.num_workers` > 0 reads them in
+  that many grain worker processes (the same batches in the same order).
   """
   import grain  # pylint: disable=g-import-not-at-top
   if not records:
@@ -128,4 +193,10 @@ def make_iterator(records: Sequence[mf.ScanRecord], config: ml_collections.Confi
                      f"be a multiple of the {pc} processes.")
   ds = grain.MapDataset.source(VolumeSource(records, config)).seed(seed).shuffle().repeat()
   ds = ds[pi::pc].batch(global_batch_size // pc, drop_remainder=True)
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  workers = int(config.data.num_workers)
+  if workers > 0:  # worker processes decode the NIfTI files of a cohort too large to preload
+    from ldae_jax.data.shards import ensure_absl_flags_parsed  # pylint: disable=g-import-not-at-top
+    ensure_absl_flags_parsed()  # grain's worker processes read its absl flags
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+  return iter(it_ds)

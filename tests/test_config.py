@@ -1,0 +1,61 @@
+"""config.validate(): every count, rate and size out of range is refused with the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from ldae_jax.config import default_config, validate
+
+
+def test_defaults_are_valid():
+  validate(default_config())
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("train.autoencoder.steps", -5, ">= 1"),
+    ("train.autoencoder.steps", 0, "config.stage"),  # 0 does not skip a stage: it says how to
+    ("train.ldm.batch_size", 0, ">= 1"),
+    ("train.representation.grad_accum", 0, ">= 1"),
+    ("train.ldm.lr", 0.0, "> 0"),
+    ("train.autoencoder.lr_disc", -1e-4, "> 0"),
+    ("train.ldm.ema_decay", 1.0, "[0, 1)"),
+    ("train.representation.ema_decay", -0.1, "[0, 1)"),
+    ("train.ldm.b2", 1.0, "[0, 1)"),
+    ("train.ldm.log_every", 0, ">= 1"),
+    ("train.autoencoder.checkpoint_every", 0, ">= 1"),
+    ("train.ldm.keep_checkpoints", 0, ">= 1"),
+    ("train.ldm.clip_norm", -1.0, ">= 0"),
+    ("train.latents_batch_size", 0, ">= 1"),
+    ("data.val_fraction", 1.0, "[0, 1)"),
+    ("data.test_fraction", -0.1, "[0, 1)"),
+    ("data.synthetic.subjects", 0, ">= 1"),
+    ("data.num_workers", -1, ">= 0"),
+    ("data.spacing_mm", 0.0, "> 0"),
+    ("diffusion.timesteps", 0, ">= 1"),
+    ("eval.batch_size", 0, ">= 1"),
+    ("eval.ddim_steps", (10, 2000), "[1, config.diffusion.timesteps=1000]"),
+])
+def test_out_of_range_values_name_field_and_fix(field, value, allowed):
+  c = default_config()
+  node = c
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError) as e:
+    validate(c)
+  msg = str(e.value)
+  assert f"config.{field}={value!r}" in msg and allowed in msg and f"--config.{field}=" in msg
+
+
+def test_fractions_must_leave_a_training_split():
+  c = default_config()
+  c.data.val_fraction, c.data.test_fraction = 0.5, 0.5
+  with pytest.raises(ValueError, match="leave no subjects to train on"):
+    validate(c)
+
+
+def test_no_dead_options():
+  # The LPIPS term is not implemented, so no field pretends to configure it.
+  c = default_config()
+  assert "perceptual_weight" not in c.train.autoencoder and "perceptual_weights" not in c.train.autoencoder
