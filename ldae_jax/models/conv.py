@@ -15,12 +15,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 _NDHWC = ("NDHWC", "DHWIO", "NDHWC")
-# Below this many input voxels (batch included) a convolution is too small for its speed to matter, and the
-# plain 3D convolution compiles faster (kD 2D convolutions are kD times the HLO): tiny test networks stay plain.
-MIN_TAP_VOXELS = 4096
 
 
 def _explicit_padding(padding: Any, in_spatial: Sequence[int], kernel: Sequence[int],
@@ -35,11 +33,23 @@ def _use_depth_taps(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimens
     return False
   if any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ())):
     return False
-  if lhs.shape[0] * lhs.shape[1] * lhs.shape[2] * lhs.shape[3] < MIN_TAP_VOXELS:
-    return False
   want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NDHWC)
   got = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or _NDHWC)
   return got == want
+
+
+def _fold_depth(x, kd: int, sd: int, d_out: int, groups: int):
+  """(B, D', H, W, C) depth-padded -> (B * d_out, H, W, kd * C): the kd depth taps side by side as channels.
+
+  With groups, each group's channels stay one contiguous block (its kd taps inside), as a grouped 2D
+  convolution expects.
+  """
+  b, _, h, w, c = x.shape
+  taps = [lax.slice_in_dim(x, i, i + sd * (d_out - 1) + 1, stride=sd, axis=1) for i in range(kd)]
+  x = jnp.stack(taps, axis=-2)  # (B, d_out, H, W, kd, C)
+  if groups > 1:
+    x = x.reshape(b, d_out, h, w, kd, groups, c // groups).swapaxes(-3, -2)
+  return x.reshape(b * d_out, h, w, kd * c)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -50,17 +60,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                     feature_group_count=feature_group_count, precision=precision, **kwargs)
   b, d, h, w, c = lhs.shape
-  kd = rhs.shape[0]
+  kd, kh, kw, cin_g, cout = rhs.shape
   sd, sh, sw = window_strides
   pads = _explicit_padding(padding, (d, h, w), rhs.shape[:3], window_strides)
   x = lax.pad(lhs, lax.convert_element_type(0, lhs.dtype),
               ((0, 0, 0), (pads[0][0], pads[0][1], 0), (0, 0, 0), (0, 0, 0), (0, 0, 0)))
   d_out = (d + pads[0][0] + pads[0][1] - kd) // sd + 1
-  out = None
-  for i in range(kd):
-    xi = lax.slice_in_dim(x, i, i + sd * (d_out - 1) + 1, stride=sd, axis=1)
-    yi = lax.conv_general_dilated(xi.reshape(b * d_out, h, w, c), rhs[i], (sh, sw), pads[1:],
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                  feature_group_count=feature_group_count, precision=precision, **kwargs)
-    out = yi if out is None else out + yi
+  x = _fold_depth(x, kd, sd, d_out, feature_group_count)
+  k = jnp.transpose(rhs, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * cin_g, cout)  # per group: (kd, C/G) as x
+  out = lax.conv_general_dilated(x, k, (sh, sw), pads[1:], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 feature_group_count=feature_group_count, precision=precision, **kwargs)
   return out.reshape((b, d_out) + out.shape[1:])
