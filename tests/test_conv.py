@@ -17,10 +17,11 @@ DN = ("NDHWC", "DHWIO", "NDHWC")
     ((1, 5, 6, 7, 4), (4, 4, 4), (1, 1, 1), ((1, 1), (1, 1), (1, 1)), 2),   # stride 1, grouped
     ((2, 4, 6, 6, 3), (3, 3, 3), (1, 1, 1), "SAME", 1),
     ((2, 5, 6, 6, 3), (2, 3, 1), (1, 2, 1), "VALID", 1),
+    ((2, 6, 4, 4, 6), (3, 3, 3), (2, 1, 1), ((1, 1), (1, 1), (1, 1)), 3),   # groups with depth stride
+    ((1, 4, 5, 4, 6), (3, 3, 3), (1, 1, 1), ((1, 1), (1, 1), (1, 1)), 6),   # depthwise
 ])
-def test_depth_taps_equal_xla_conv3d(shape, kernel, strides, padding, groups, monkeypatch):
+def test_depth_taps_equal_xla_conv3d(shape, kernel, strides, padding, groups):
   assert jax.default_backend() == "cpu"
-  monkeypatch.setattr(conv, "MIN_TAP_VOXELS", 0)  # small shapes here; the threshold is tested below
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, shape, jnp.float32)
   w = jax.random.normal(kw, kernel + (shape[-1] // groups, 6), jnp.float32)
@@ -39,8 +40,7 @@ def test_depth_taps_equal_xla_conv3d(shape, kernel, strides, padding, groups, mo
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_other_layouts_fall_through_to_xla(monkeypatch):
-  monkeypatch.setattr(conv, "MIN_TAP_VOXELS", 0)
+def test_other_layouts_fall_through_to_xla():
   x = jnp.ones((1, 4, 4, 4, 2))
   w = jnp.ones((1, 1, 1, 2, 3))  # a 1x1x1 kernel has a single depth tap: nothing to gain
   assert not conv._use_depth_taps(x, w, (1, 1, 1), None, None, DN)
@@ -49,7 +49,7 @@ def test_other_layouts_fall_through_to_xla(monkeypatch):
   assert not conv._use_depth_taps(x, jnp.ones((3, 3, 3, 2, 3)), (1, 1, 1), None, (2, 2, 2), DN)
 
 
-def test_small_convolutions_keep_the_plain_path():
+def test_every_size_takes_the_depth_fold():
   w = jnp.ones((3, 3, 3, 8, 8))
-  assert not conv._use_depth_taps(jnp.ones((2, 8, 12, 8, 8)), w, (1, 1, 1), None, None, DN)  # tiny test UNet
+  assert conv._use_depth_taps(jnp.ones((1, 2, 3, 3, 8)), w, (1, 1, 1), None, None, DN)  # tiny test UNet
   assert conv._use_depth_taps(jnp.ones((4, 32, 40, 32, 8)), w, (1, 1, 1), None, None, DN)  # quickstart AE
