@@ -24,7 +24,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()
-  # CSV manifest (columns: subject, path, diagnosis, age, [session], [latent_path]). Empty: generate the
+  # CSV manifest (columns: subject, path, diagnosis, age, [session]). Empty: generate the
   # synthetic cohort described by `data.synthetic` into `<workdir>/cohort` and use its manifest.
   c.data.manifest = ""
   c.data.image_shape = (128, 160, 128)  # (X, Y, Z), RAS, the reference's crop
@@ -86,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   # deterministic), so that the shift branch sees what varies between scans and no code can shrink to a
   # constant (docs/fidelity.md, "Making the decoder use the code").
   c.encoder.code_norm = "none"
-  # Running statistics of "batch" (bias-corrected exponential averages, used when deterministic): match the
+  # Running statistics of "template" (bias-corrected exponential averages, used when deterministic): match the
   # stage-3 EMA decay, so that they describe the EMA encoder the evaluation uses.
   c.encoder.code_norm_momentum = 0.999
   c.encoder.pretrained_convnext = ""  # optional torchvision ConvNeXt state dict (.pth / converted .npz)
@@ -245,6 +245,9 @@ def _validate_ranges(config: ml_collections.ConfigDict) -> None:
     _check(config, f"data.synthetic.{field}", non_negative, ">= 0")
   _check(config, "diffusion.timesteps", at_least_one, "an integer >= 1")
   _check(config, "diffusion.scale_factor", non_negative, ">= 0 (0 = computed at the latents stage)")
+  _check(config, "diffusion.clamp_range", non_negative, ">= 0 (0 = the largest |scaled latent| of the train split)")
+  _check(config, "encoder.code_norm", lambda v: v in ("none", "template"), "'none' (the reference) or 'template'")
+  _check(config, "encoder.code_norm_momentum", lambda v: 0 <= v < 1, "in [0, 1)")
   _check(config, "eval.ddim_steps", lambda v: len(v) >= 1 and all(1 <= s <= config.diffusion.timesteps for s in v),
          f"one or more step counts in [1, config.diffusion.timesteps={config.diffusion.timesteps}]")
   for field in ("batch_size", "max_scans", "num_variations", "ssim_kernel"):

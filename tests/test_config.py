@@ -34,6 +34,9 @@ def test_defaults_are_valid():
     ("diffusion.timesteps", 0, ">= 1"),
     ("eval.batch_size", 0, ">= 1"),
     ("eval.ddim_steps", (10, 2000), "[1, config.diffusion.timesteps=1000]"),
+    ("diffusion.clamp_range", -1.0, ">= 0"),
+    ("encoder.code_norm", "batch", "'template'"),
+    ("encoder.code_norm_momentum", 1.0, "[0, 1)"),
 ])
 def test_out_of_range_values_name_field_and_fix(field, value, allowed):
   c = default_config()
