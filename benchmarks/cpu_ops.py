@@ -7,7 +7,10 @@ the stage's training batch), each timed forward and forward+backward as
   * `xla3d`: `lax.conv_general_dilated` in 3D (XLA's CPU conv3d; the vendor path on accelerators),
   * `torch`: `torch.nn.functional.conv3d` / `group_norm` + `silu` (channels-last-3d and contiguous NCDHW, the
     faster one reported), when torch is importable - optional, never a dependency of the package.
-GFLOP/s count 2 * MACs of the convolution (x3 for forward+backward); GroupNorm reports GB/s of its input.
+  * with `--alternatives`, the forms tried and rejected: `tap_sum` (kD 2D convolutions summed, the previous CPU
+    form) and `im2col` (all taps concatenated, one matmul).
+GFLOP/s count 2 * MACs of the convolution (x3 for forward+backward); GroupNorm reports GB/s of its input. The
+semantic encoder is traced too but records nothing: it runs 2D convolutions over slices and LayerNorm.
 Part `nets`: the project's own UNet forward and train steps (LDM, AE+discriminator, stage 3), and a PyTorch
 re-implementation of the UNet ResBlock at the same shapes.
 
@@ -141,22 +144,52 @@ def conv_flops(rec) -> float:
   return 2.0 * lhs[0] * np.prod(out) * np.prod(rhs[:3]) * rhs[3] * rhs[4]
 
 
-def jax_conv_variants(rec):
+def tap_sum_conv(x, w, strides, pads, groups):
+  """The previous CPU form: the sum over the kD depth taps of 2D convolutions of depth-strided slices."""
+  b, d, h, wd, c = x.shape
+  kd, sd = w.shape[0], strides[0]
+  x = jnp.pad(x, ((0, 0), pads[0], (0, 0), (0, 0), (0, 0)))
+  d_out = (d + pads[0][0] + pads[0][1] - kd) // sd + 1
+  out = 0
+  for i in range(kd):
+    xi = lax.slice_in_dim(x, i, i + sd * (d_out - 1) + 1, stride=sd, axis=1).reshape(b * d_out, h, wd, c)
+    out = out + lax.conv_general_dilated(xi, w[i], strides[1:], pads[1:], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         feature_group_count=groups)
+  return out.reshape((b, d_out) + out.shape[1:])
+
+
+def im2col_conv(x, w, strides, pads):
+  """All kD*kH*kW taps concatenated along channels, then one matmul (stride 1, no groups)."""
+  b, d, h, wd, _ = x.shape
+  kd, kh, kw = w.shape[:3]
+  xp = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
+  do, ho, wo = (n + p[0] + p[1] - k + 1 for n, p, k in zip((d, h, wd), pads, (kd, kh, kw)))
+  cols = jnp.concatenate([xp[:, i:i + do, j:j + ho, l:l + wo] for i in range(kd) for j in range(kh)
+                          for l in range(kw)], axis=-1)
+  return lax.dot_general(cols, w.reshape(-1, w.shape[-1]), (((4,), (0,)), ((), ())))
+
+
+def jax_conv_variants(rec, alternatives: bool):
   _, _, strides, pads, groups = rec
   kw = dict(dimension_numbers=DN, feature_group_count=groups)
-  return {
+  out = {
       "project": lambda x, w: convlib.conv_general_dilated(x, w, strides, pads, **kw),
       "xla3d": lambda x, w: lax.conv_general_dilated(x, w, strides, pads, **kw),
   }
+  if alternatives and rec[1][0] > 1:
+    out["tap_sum"] = lambda x, w: tap_sum_conv(x, w, strides, pads, groups)
+    if all(s == 1 for s in strides) and groups == 1:
+      out["im2col"] = lambda x, w: im2col_conv(x, w, strides, pads)
+  return out
 
 
-def time_jax_conv(rec, repeats: int) -> dict:
+def time_jax_conv(rec, repeats: int, alternatives: bool) -> dict:
   lhs, rhs = rec[0], rec[1]
   x = jax.random.normal(jax.random.key(0), lhs, jnp.float32)
   w = jax.random.normal(jax.random.key(1), rhs, jnp.float32) * 0.1
   flops = conv_flops(rec)
   res = {}
-  for name, f in jax_conv_variants(rec).items():
+  for name, f in jax_conv_variants(rec, alternatives).items():
     tf, cf = time_fn(f, x, w, repeats=repeats)
     g = jax.grad(lambda x, w: jnp.sum(jnp.square(f(x, w))), argnums=(0, 1))
     tb, cb = time_fn(g, x, w, repeats=repeats)
@@ -232,8 +265,8 @@ def time_torch_norm(torch, rec, repeats: int) -> dict:
   return {"fwd_ms": tf * 1e3, "fwdbwd_ms": tb * 1e3, "fwd_gbps": 4 * np.prod(shape) / 1e9 / tf}
 
 
-def run_ops(config, torch, repeats: int) -> dict:
-  shapes = quickstart_shapes(config)
+def run_ops(config, torch, repeats: int, networks: set[str] | None = None, alternatives: bool = False) -> dict:
+  shapes = {k: v for k, v in quickstart_shapes(config).items() if not networks or k in networks}
   seen_c, seen_n, out = {}, {}, {"convs": [], "norms": []}
   for net, (convs, norms) in shapes.items():
     for rec in convs:
@@ -243,12 +276,12 @@ def run_ops(config, torch, repeats: int) -> dict:
   for rec, nets in seen_c.items():
     r = {"lhs": rec[0], "rhs": rec[1], "strides": rec[2], "padding": rec[3], "groups": rec[4],
          "networks": sorted(set(nets)), "calls_per_forward": len(nets), "gflop": conv_flops(rec) / 1e9,
-         **time_jax_conv(rec, repeats)}
+         **time_jax_conv(rec, repeats, alternatives)}
     if torch is not None:
       r["torch"] = time_torch_conv(torch, rec, repeats)
     out["convs"].append(r)
     line = f"conv {rec[0]} k{rec[1][:3]} {rec[1][3]}->{rec[1][4]} s{rec[2]} x{len(nets)} {sorted(set(nets))}"
-    for k in ("project", "xla3d", "torch"):
+    for k in ("project", "xla3d", "tap_sum", "im2col", "torch"):
       if k in r:
         line += f"\n    {k:8s} fwd {r[k]['fwd_gflops']:6.1f} GFLOP/s ({r[k]['fwd_ms']:7.2f} ms)  " \
                 f"fwd+bwd {r[k]['fwdbwd_gflops']:6.1f} GFLOP/s ({r[k]['fwdbwd_ms']:7.2f} ms)"
@@ -397,6 +430,9 @@ def main() -> int:
   p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--no_torch", action="store_true")
+  p.add_argument("--networks", default="", help="ops: comma list of autoencoder,discriminator,unet,shift_unet,encoder")
+  p.add_argument("--alternatives", action="store_true",
+                 help="ops: also time the rejected forms (kD-tap sum of 2D convs, im2col + one matmul)")
   p.add_argument("--label", default="", help="tag of the JSON file name (e.g. before / after)")
   p.add_argument("--out_dir", default=str(pathlib.Path(__file__).parent / "results"))
   args = p.parse_args()
@@ -417,7 +453,8 @@ def main() -> int:
   print(json.dumps(meta), flush=True)
   result = {"meta": meta}
   if args.part in ("ops", "all"):
-    result["ops"] = run_ops(config, torch, args.repeats)
+    result["ops"] = run_ops(config, torch, args.repeats, set(filter(None, args.networks.split(","))),
+                            args.alternatives)
   if args.part in ("nets", "all"):
     result["nets"] = run_nets(config, torch, args.repeats)
   out = pathlib.Path(args.out_dir)

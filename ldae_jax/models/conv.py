@@ -6,9 +6,9 @@ and its backward of a strided 3D convolution is slower still, while its 2D convo
 one core. On CPU a kD x kH x kW convolution is therefore one 2D convolution: the kD depth taps of each output
 depth are laid side by side as channels (depth folded into the batch), and the kernel's (kD, C) axes are merged
 to match - the same sum of products, reordered, so results agree to float32 rounding. One 2D convolution of
-kD*C channels beat both the kD separate 2D convolutions summed (the previous form; fewer, wider
-contractions and a cheaper backward) and im2col + one matmul (the 27-tap concatenation costs more than the
-matmul saves). It compiles in ~0.15-0.3 s per convolution against ~0.02 s for the plain 3D one, but even
+kD*C channels matches the kD separate 2D convolutions summed (the previous form) at the UNet's widths, within
+the box's noise, and beats it up to 2x on narrow or small layers (one wider contraction, a cheaper backward);
+im2col + one matmul was 5-8x slower (the 27-tap concatenation costs more than the matmul saves). It compiles in ~0.15-0.3 s per convolution against ~0.02 s for the plain 3D one, but even
 tiny test networks compile no slower overall (tests/test_unet.py: 65 s vs 67 s), so it is used at every size.
 Measured at the quickstart's shapes on one pinned core of the 2-core development box (AMD EPYC),
 `benchmarks/cpu_ops.py`, forward / forward+backward GFLOP/s, this form vs XLA's conv3d vs torch 2.13 conv3d:
