@@ -126,6 +126,7 @@ def default_config() -> ml_collections.ConfigDict:
     s.batch_size = batch  # global batch per optimizer micro-step
     s.grad_accum = accum
     s.lr = lr
+    s.lr_schedule = "constant"  # the reference's; "cosine" decays lr to 0 over `steps` (short runs)
     s.b1 = 0.9
     s.b2 = 0.999
     s.eps = 1e-8
@@ -247,6 +248,8 @@ def _validate_ranges(config: ml_collections.ConfigDict) -> None:
   _check(config, "diffusion.scale_factor", non_negative, ">= 0 (0 = computed at the latents stage)")
   _check(config, "diffusion.clamp_range", non_negative, ">= 0 (0 = the largest |scaled latent| of the train split)")
   _check(config, "encoder.code_norm", lambda v: v in ("none", "template"), "'none' (the reference) or 'template'")
+  for name in ("autoencoder", "ldm", "representation"):
+    _check(config, f"train.{name}.lr_schedule", lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'")
   _check(config, "encoder.code_norm_momentum", lambda v: 0 <= v < 1, "in [0, 1)")
   _check(config, "eval.ddim_steps", lambda v: len(v) >= 1 and all(1 <= s <= config.diffusion.timesteps for s in v),
          f"one or more step counts in [1, config.diffusion.timesteps={config.diffusion.timesteps}]")

@@ -214,3 +214,25 @@ def test_pretrained_convnext_initialises_the_stage3_backbone(tmp_path, load_fixt
   representation_stage.init_backbone(model, "")  # empty: nothing loaded, no error
   with pytest.raises(FileNotFoundError, match="pretrained_convnext"):
     representation_stage.init_backbone(model, str(tmp_path / "missing.pth"))
+
+
+def test_cosine_lr_schedule_decays_to_zero_over_the_stage():
+  cfg = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, clip_norm=0.0, steps=10,
+                                       lr_schedule="cosine"))
+  params = {"w": jnp.ones(())}
+  tx = st.make_optimizer(cfg)
+  opt = tx.init(params)
+  sizes = []
+  for _ in range(10):
+    upd, opt = tx.update({"w": jnp.ones(())}, opt, params)
+    sizes.append(-float(upd["w"]))
+  assert sizes[0] == pytest.approx(1e-2, rel=1e-3)  # Adam's first step is lr * sign(g)
+  assert all(a > b for a, b in zip(sizes, sizes[1:]))
+  assert sizes[-1] < 0.03 * sizes[0]
+  const = st.make_optimizer(ml_collections.ConfigDict(dict(cfg, lr_schedule="constant")))
+  o = const.init(params)
+  for _ in range(3):
+    upd, o = const.update({"w": jnp.ones(())}, o, params)
+  assert -float(upd["w"]) == pytest.approx(1e-2, rel=1e-3)
+  with pytest.raises(ValueError, match="lr_schedule"):
+    st.make_optimizer(ml_collections.ConfigDict(dict(cfg, lr_schedule="linear")))

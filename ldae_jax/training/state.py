@@ -63,15 +63,21 @@ def module_rest(module: nnx.Module, trainable: Any = nnx.Param) -> PyTree:
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, lr: float | None = None) -> optax.GradientTransformation:
-  """Adam (no weight decay, no schedule: the reference's settings) after global-norm clipping.
+  """Adam (no weight decay) after global-norm clipping, at a constant lr (the reference's settings) or, with
+  `cfg.lr_schedule == "cosine"`, cosine-decayed from lr to 0 over `cfg.steps` optimizer steps.
 
   Args:
-    cfg: a `config.train.<stage>` block (b1, b2, eps, clip_norm, lr).
+    cfg: a `config.train.<stage>` block (b1, b2, eps, clip_norm, lr, lr_schedule, steps).
     lr: overrides `cfg.lr` (the discriminator's `lr_disc`).
   """
   lr = cfg.lr if lr is None else lr
   if lr <= 0:
     raise ValueError(f"learning rate {lr} must be > 0 (config.train.*.lr / lr_disc).")
+  schedule = cfg.get("lr_schedule", "constant")
+  if schedule == "cosine":
+    lr = optax.cosine_decay_schedule(lr, decay_steps=max(1, int(cfg.steps)))
+  elif schedule != "constant":
+    raise ValueError(f"config.train.*.lr_schedule={schedule!r}: 'constant' or 'cosine'.")
   adam = optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   if cfg.clip_norm and cfg.clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
