@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -44,19 +43,12 @@ from jax import lax  # noqa: E402
 
 from ldae_jax import config as cfglib  # noqa: E402
 from ldae_jax import models  # noqa: E402
+from ldae_jax.evaluation.throughput import host_cpu_model  # noqa: E402
 from ldae_jax.models import conv as convlib, layers  # noqa: E402
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 
 
-def cpu_name() -> str:
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def time_fn(fn, *args, repeats: int, min_seconds: float = 0.3) -> tuple[float, float]:
@@ -444,7 +436,7 @@ def main() -> int:
     except ImportError:
       torch = None
   config = cfglib.load_config(args.config)
-  meta = {"cpu": cpu_name(), "affinity": sorted(os.sched_getaffinity(0)), "jax": jax.__version__,
+  meta = {"cpu": host_cpu_model(), "affinity": sorted(os.sched_getaffinity(0)), "jax": jax.__version__,
           "device": str(jax.devices()[0]), "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "torch": None if torch is None else torch.__version__,
           "torch_threads": None if torch is None else torch.get_num_threads(), "config": args.config,

@@ -25,17 +25,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from ldae_jax.evaluation.throughput import host_cpu_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ldae_jax.data import shards  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def cpu_model() -> str:
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def write(out_dir: pathlib.Path, n: int, latent: tuple[int, ...], image_shape, seed: int,
@@ -120,7 +113,7 @@ def main() -> None:
     write_s = write(shard_dir, args.records, latent, image_shape, seed=0, compression=args.compression)
     meta = shards.verify(shard_dir)
     disk = sum(s["bytes"] for s in meta["shards"])
-    print(f"device: {cpu_model()}, {os.cpu_count()} logical cores; python {platform.python_version()}, "
+    print(f"device: {host_cpu_model()}, {os.cpu_count()} logical cores; python {platform.python_version()}, "
           f"jax {jax.__version__}, grain {getattr(grain, '__version__', '0.2.x')}; "
           f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"config: {args.records} records, latent {latent} mu+logvar float32"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import platform
 import statistics
 import time
 from typing import Any
@@ -33,6 +34,17 @@ from ldae_jax.parallel import mesh as pmesh
 
 # Dense bf16 peak per chip (spec sheets). H200 has the H100's compute die; only memory differs.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def host_cpu_model() -> str:
+  """The host CPU's model name (/proc/cpuinfo, else platform.processor()), for benchmark records."""
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
 
 
 def device_peak_tflops(device: jax.Device, override: float | None = None) -> tuple[float | None, str]:
