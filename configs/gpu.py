@@ -11,7 +11,7 @@ analysis on the CPU, float32): UNet 55 (30.5 M parameters), ShiftUNet 98, encode
 decode 156; a train step = 3x its forwards. At paper size on an H100 the UNet step ran at 50 % MFU and the
 stage-3 step at 16 % (benchmarks/RESULTS.md); these nets are ~14x smaller, so 10 % of the 989 TFLOP/s bf16
 peak (the H200's compute is the H100's) is assumed for every step:
-  cohort, 16 processes               ~15 s   (quickstart: 576 subjects at 6 mm in 10 s on one core; 8x voxels)
+  cohort, 16 processes               ~15 s   (quickstart: 576 subjects at 6 mm in 10 s, 2 cores; 8x voxels)
   autoencoder 1,000 x 8 volumes      ~50 s  + compile ~30 s
   latents (~2,700 scans + images)    ~25 s   (NIfTI reads and zstd shards on the CPU)
   ldm 1,000 x 64 latents            ~105 s  + compile ~60 s (the paper-size step compiled in 140 s)

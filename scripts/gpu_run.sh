@@ -18,8 +18,9 @@ WORK="${2:-/tmp/ldae_gpu}"
 OVERRIDES=("${@:3}")
 DEST="${OUT:-$WORK/out}"
 mkdir -p "$WORK" "$DEST"
-exec > >(tee -a "$DEST/run.log") 2>&1  # the log comes back even if the call is cut short
 export PYTHONUNBUFFERED=1
+
+main() {
 # Every import the pipeline makes that the CUDA image may lack (the image's list: .library/device/KINDS.md).
 NEEDED="grain, array_record, nibabel, ml_collections, portpicker, nilearn, tensorboardX"
 if ! python3 -c "import $NEEDED" 2>/dev/null; then
@@ -85,3 +86,8 @@ if size >= 16 * 2**20:
 print(json.dumps(out, indent=1))
 EOF
 echo "report: $WORK/report/report.md; small outputs: $DEST"
+}
+
+# A pipeline (not `exec > >(tee)`) so that tee has written the whole log before the script exits; the log is
+# in $DEST as it goes, so it comes back even if the call is cut short.
+main 2>&1 | tee -a "$DEST/run.log"
