@@ -7,6 +7,10 @@ Measures, with the project's own step functions and samplers (nothing re-impleme
   autoencode     semantic encoder + DDIM-100 encode + DDIM-100 decode with the ShiftUNet, batch 1
   stage3_train   stage-3 train step (`representation_stage.make_step`: ConvNeXt-S over 128 slices, frozen UNet,
                  shift branch, PDAE loss, Adam, EMA), batch 4
+  ldae_vs_dae    DDIM encode and sample of LDAE (ShiftUNet on latents, plus the AE encode / decode) beside the
+                 image-space DAE (configs/dae_image_space.py, ShiftUNet on voxels), same batch, steps and process
+                 (`evaluation.throughput`'s workloads and ratios; the paper's "20x faster" claim), batch 4,
+                 DDIM-10: the ratio does not depend on the step count, and 10 keeps the DAE's calls short
 Each workload is compiled ahead of time (compile seconds reported apart), run once to warm up, then timed
 (median; train steps with donated state, as in training). Model FLOPs are counted as in
 `../shared/reference/performance_anchor.md` (UNet forward 944 GFLOP per latent, ShiftUNet forward 1,680,
@@ -16,6 +20,7 @@ network call is printed beside them as a check. MFU is against the 989 TFLOP/s b
   python benchmarks/gpu_paper.py                      # paper config, bf16, on the default device
   python benchmarks/gpu_paper.py --tiny               # CPU dry run at quickstart size (seconds)
   python benchmarks/gpu_paper.py --only ldm_train,ddim_sample --out /tmp/r.json
+  python benchmarks/gpu_paper.py --only ldae_vs_dae  # LDAE vs voxel DAE (--dae_config configs/dae_image_space.py:bf16)
 
 Results go to one JSON (default `benchmarks/results/gpu_paper_<device>.json`), rewritten after each workload so
 a run cut short keeps what it measured.
@@ -29,6 +34,7 @@ import json
 import os
 import pathlib
 import platform
+import runpy
 import statistics
 import sys
 import time
@@ -45,6 +51,7 @@ from ldae_jax import config as cfglib  # noqa: E402
 from ldae_jax.config import load_config  # noqa: E402
 from ldae_jax.diffusion import ddim  # noqa: E402
 from ldae_jax.diffusion.schedule import ddim_schedule, make_schedule  # noqa: E402
+from ldae_jax.evaluation import throughput  # noqa: E402
 from ldae_jax.evaluation.throughput import device_peak_tflops, peak_memory_bytes  # noqa: E402
 from ldae_jax.parallel.mesh import compile_aot  # noqa: E402
 from ldae_jax.training import ldm_stage, representation_stage  # noqa: E402
@@ -62,7 +69,7 @@ ANCHOR = {
 }
 # Analytic model FLOPs of the paper config (performance_anchor.md), per sample.
 PAPER_FLOPS = {"unet": 944e9, "shift_unet": 1680e9, "encoder": 906e9}
-WORKLOADS = ("ldm_train", "ddim_sample", "autoencode", "stage3_train", "unet_forward")
+WORKLOADS = ("ldm_train", "ddim_sample", "autoencode", "stage3_train", "unet_forward", "ldae_vs_dae")
 
 
 def _sync(tree):
@@ -290,6 +297,38 @@ class Bench:
     self.record("stage3_train", r)
     del state
 
+  def ldae_vs_dae(self):
+    """LDAE vs image-space DAE DDIM encode/sample, measured one after the other in this process."""
+    b, steps = self.args.dae_batch, self.args.dae_ddim_steps
+    # Not load_config: its validate() checks the UNet against the autoencoder's latent grid, but the DAE's UNet
+    # runs on the voxels (evaluate.py --mode throughput reads it unvalidated too).
+    path, _, variant = self.args.dae_config.partition(":")
+    dae = runpy.run_path(path)["get_config"](variant)
+    lat = self.latent
+    emb = int(self.config.encoder.emb_dim)
+    ws = (throughput.ddim_workloads(self.config, label="ldae", spatial=lat[:3], channels=lat[3], batch=b,
+                                    steps=steps, emb_dim=emb)
+          + throughput.autoencoder_workloads(self.config, batch=b)
+          + throughput.ddim_workloads(dae, label="dae", spatial=tuple(dae.data.image_shape),
+                                      channels=int(dae.unet.in_channels), batch=b, steps=steps, emb_dim=emb))
+    measured = {}
+    for w in ws:
+      # XLA's FLOPs (of one network call x steps; the AE pass's own): on GPU they miss the cuDNN convolutions
+      # (see RESULTS.md), so MFU here is a lower bound; the time ratios are the measurement.
+      measured[w.name] = throughput.measure(w, repeats=self.args.repeats, peak_tflops=self.peak)
+      r = measured[w.name]
+      self.record(f"ldae_vs_dae/{w.name}", {"batch": b, "seconds": r["seconds_per_call"],
+                                            "samples_per_s": r["samples_per_s"], "compile_s": r["compile_s"],
+                                            "xla_flops_per_call": r["xla_flops_per_call"],
+                                            "parameters": r.get("parameters"), "input_shape": r.get("input_shape")})
+    ratios = throughput.ddim_ratios(measured, steps)
+    self.results["workloads"]["ldae_vs_dae"] = {"dae_config": self.args.dae_config, "batch": b, "ddim_steps": steps,
+                                                "ratio_dae_over_ldae": ratios}
+    self.write()
+    print("[ldae_vs_dae] DAE / LDAE seconds: " + ", ".join(
+        f"{d} {v['ddim_only']:.1f}x ({v['with_autoencoder']:.1f}x with the AE pass)" for d, v in ratios.items()),
+        flush=True)
+
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,6 +340,9 @@ def main(argv=None) -> int:
   p.add_argument("--ddim_batch", type=int, default=64)
   p.add_argument("--ddim_steps", type=int, default=100)
   p.add_argument("--stage3_batch", type=int, default=4)
+  p.add_argument("--dae_config", default="configs/dae_image_space.py:bf16")
+  p.add_argument("--dae_batch", type=int, default=4)
+  p.add_argument("--dae_ddim_steps", type=int, default=10)
   p.add_argument("--train_steps", type=int, default=5)
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--remat", action="store_true")
@@ -309,6 +351,7 @@ def main(argv=None) -> int:
   if args.tiny:
     args.config = "configs/quickstart.py"
     args.ldm_batch, args.ddim_batch, args.ddim_steps, args.stage3_batch = 4, 2, 3, 2
+    args.dae_config, args.dae_batch, args.dae_ddim_steps = "configs/dae_image_space.py:small", 2, 3
     args.train_steps, args.repeats = 2, 1
   config = load_config(args.config)
   config.remat = bool(args.remat or config.remat)

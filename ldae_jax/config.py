@@ -44,6 +44,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Multiplies the head pose/size and bias-field variation that registration to MNI and N4 remove in a real
   # cohort: 1 = unregistered scans, ~0.25 = the residuals of the paper's preprocessing.
   c.data.synthetic.nuisance_scale = 1.0
+  # Processes generating the cohort (0: one per CPU core). The files are the same for any number.
+  c.data.synthetic.workers = 1
 
   # ---------------------------------------------------------------- networks
   c.autoencoder = ml_collections.ConfigDict()
@@ -242,6 +244,7 @@ def _validate_ranges(config: ml_collections.ConfigDict) -> None:
   _check(config, "data.percentile_clip", lambda v: 0 <= v < 100, "in [0, 100) (0 = plain min-max)")
   _check(config, "data.num_workers", non_negative, "an integer >= 0 (0 = read in the main process)")
   _check(config, "data.synthetic.subjects", at_least_one, "an integer >= 1")
+  _check(config, "data.synthetic.workers", non_negative, "an integer >= 0 (0 = one process per CPU core)")
   for field in ("atrophy_scale", "nuisance_scale"):
     _check(config, f"data.synthetic.{field}", non_negative, ">= 0")
   _check(config, "diffusion.timesteps", at_least_one, "an integer >= 1")

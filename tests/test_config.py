@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
-from ldae_jax.config import default_config, validate
+from ldae_jax.config import default_config, latent_shape, load_config, validate
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_defaults_are_valid():
@@ -29,6 +33,7 @@ def test_defaults_are_valid():
     ("data.val_fraction", 1.0, "[0, 1)"),
     ("data.test_fraction", -0.1, "[0, 1)"),
     ("data.synthetic.subjects", 0, ">= 1"),
+    ("data.synthetic.workers", -1, ">= 0"),
     ("data.num_workers", -1, ">= 0"),
     ("data.spacing_mm", 0.0, "> 0"),
     ("diffusion.timesteps", 0, ">= 1"),
@@ -62,3 +67,21 @@ def test_no_dead_options():
   # The LPIPS term is not implemented, so no field pretends to configure it.
   c = default_config()
   assert "perceptual_weight" not in c.train.autoencoder and "perceptual_weights" not in c.train.autoencoder
+
+
+def test_gpu_config_is_the_quickstart_method_at_3mm_in_bf16_and_tiny_shrinks_it():
+  gpu, quick = load_config(str(CONFIGS / "gpu.py")), load_config(str(CONFIGS / "quickstart.py"))
+  assert gpu.data.image_shape == (64, 80, 64) and gpu.data.spacing_mm == 3.0 and gpu.encoder.seq_len == 64
+  assert latent_shape(gpu) == latent_shape(default_config())  # the paper's 16x20x16x3 latent
+  assert gpu.compute_dtype == "bfloat16" and gpu.data.synthetic.subjects > quick.data.synthetic.subjects
+  for field in ("code_norm", "stochastic_depth", "attn_dropout"):  # quickstart's choices, kept
+    assert gpu.encoder[field] == quick.encoder[field]
+  assert gpu.train.autoencoder.adv_weight == 0.0
+  for stage in ("autoencoder", "ldm", "representation"):  # more samples seen by every stage
+    g, q = gpu.train[stage], quick.train[stage]
+    assert g.steps * g.batch_size * g.grad_accum > q.steps * q.batch_size * q.grad_accum
+  tiny = load_config(str(CONFIGS / "gpu.py") + ":tiny")
+  assert tiny.compute_dtype == "float32" and tiny.data.image_shape == (32, 40, 32)
+  assert tiny.data.synthetic.subjects == 16 and max(tiny.train[s].steps for s in ("ldm", "representation")) < 20
+  with pytest.raises(ValueError, match="unknown variant"):
+    load_config(str(CONFIGS / "gpu.py") + ":huge")

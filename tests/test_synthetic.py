@@ -153,3 +153,21 @@ def test_nuisance_scale_shrinks_pose_size_and_bias_but_keeps_subjects_and_anatom
   assert raw[0]["subject"] == raw[1]["subject"]
   change = lambda v: float(np.abs(v[0] - v[1]).mean())
   assert change(reg_vols) < 0.8 * change(raw_vols)
+
+
+def test_two_worker_processes_write_the_same_cohort_as_one(cohort, tmp_path):
+  """Subjects are rendered in parallel from (seed, i) alone: 2 processes give byte-identical files, listed in
+  subject order, to the 1-process fixture cohort."""
+  two = synthetic.generate_cohort(tmp_path / "two", subjects=4, seed=0, progress=False, workers=2, **SMALL)
+  one_dir, two_dir = cohort.parent, two.parent
+  files = sorted(p.relative_to(one_dir) for p in one_dir.rglob("*.nii.gz"))
+  assert files and files == sorted(p.relative_to(two_dir) for p in two_dir.rglob("*.nii.gz"))
+  for f in files:
+    assert (one_dir / f).read_bytes() == (two_dir / f).read_bytes(), f
+  for name in ("ground_truth.csv", "cohort.json"):
+    assert (one_dir / name).read_bytes() == (two_dir / name).read_bytes(), name
+  # The manifest holds absolute paths: equal once each folder is named the same.
+  assert (one_dir / "manifest.csv").read_text().replace(str(one_dir.resolve()), "D") == \
+      (two_dir / "manifest.csv").read_text().replace(str(two_dir.resolve()), "D")
+  with pytest.raises(ValueError, match="workers"):
+    synthetic.generate_cohort(tmp_path / "bad", subjects=1, seed=0, workers=-1, **SMALL)

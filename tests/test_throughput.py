@@ -45,3 +45,12 @@ def test_ldae_and_dae_ddim_side_by_side():
   assert r[1]["input_shape"] == [1, 16, 20, 16, 1] and r[0]["input_shape"] == [1, 8, 10, 8, 3]
   # Voxel space costs more model FLOPs per sample than latent space, even with a narrower UNet.
   assert r[1]["model_flops_per_call"] > r[0]["model_flops_per_call"]
+
+
+def test_ddim_ratios_add_the_autoencoder_pass_to_ldae():
+  r = {"ldae_ddim5_encode": {"seconds_per_call": 1.0}, "ldae_ddim5_sample": {"seconds_per_call": 2.0},
+       "dae_ddim5_encode": {"seconds_per_call": 30.0}, "dae_ddim5_sample": {"seconds_per_call": 40.0},
+       "ae_encode": {"seconds_per_call": 0.5}, "ae_decode": {"seconds_per_call": 2.0}}
+  out = throughput.ddim_ratios(r, 5)
+  assert out["encode"]["ddim_only"] == 30.0 and out["encode"]["with_autoencoder"] == 20.0  # 30 / (1 + 0.5)
+  assert out["sample"]["ddim_only"] == 20.0 and out["sample"]["with_autoencoder"] == 10.0  # 40 / (2 + 2)

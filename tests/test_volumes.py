@@ -50,6 +50,19 @@ def test_synthetic_cohort_is_generated_once_and_a_different_config_is_refused(tm
   assert meta_path.is_file() and "generating" in capsys.readouterr().out
 
 
+def test_cohort_worker_count_is_passed_on_and_not_part_of_the_cohort(tmp_path, monkeypatch):
+  from ldae_jax.data import synthetic
+  seen = []
+  real = synthetic.generate_cohort
+  monkeypatch.setattr(synthetic, "generate_cohort", lambda out, **kw: seen.append(kw["workers"]) or real(out, **kw))
+  c = small_config()
+  c.data.synthetic.workers = 2
+  path = volumes.manifest_path(c, tmp_path)
+  assert seen == [2] and "workers" not in json.loads((path.parent / "cohort.json").read_text())
+  c.data.synthetic.workers = 1  # the same files for any count: reused, not refused as a different cohort
+  assert volumes.manifest_path(c, tmp_path) == path and seen == [2]
+
+
 def test_num_workers_reads_in_worker_processes_with_the_same_batches(tmp_path, monkeypatch):
   c = small_config(subjects=2)
   records = mf.read_manifest(volumes.manifest_path(c, tmp_path))

@@ -22,18 +22,21 @@ holding the factors and per-scan volumes (mL) measured on the simulated tissue m
 Subject i is drawn from `SeedSequence([seed, i])` alone, so a cohort's first n subjects equal the n-subject
 cohort of the same seed, and the same seed gives byte-identical files.
 
-CLI: `python -m ldae_jax.data.synthetic --out DIR --subjects N --seed S [--shape X,Y,Z] [--spacing MM]`.
+CLI: `python -m ldae_jax.data.synthetic --out DIR --subjects N --seed S [--shape X,Y,Z] [--spacing MM]
+[--workers K]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import sys
@@ -399,11 +402,38 @@ def _write_csv(path: pathlib.Path, header: Sequence[str], rows: list[Sequence]) 
   atomic.write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
+def _write_subject(out: pathlib.Path, i: int, *, seed: int, shape: tuple[int, ...], spacing_mm: float,
+                   sessions: tuple[int, int], interval_months: int, width: int, atrophy_scale: float,
+                   nuisance_scale: float) -> tuple[list, list]:
+  """Renders and writes every session of subject i; returns its manifest records and ground-truth rows."""
+  records, truth = [], []
+  diagnosis, age0, months_list, rng = _subject_plan(seed, i, sessions, interval_months)
+  anatomy = build_anatomy(shape, spacing_mm, rng, pose_scale=nuisance_scale)
+  subject = f"sub-{i + 1:0{width}d}"
+  for j, months in enumerate(months_list):
+    years = months / 12.0
+    age = round(age0 + years, 2)
+    scan_rng = np.random.default_rng(np.random.SeedSequence([seed, i, j + 1]))
+    volume, measures = render_scan(anatomy, age=age, diagnosis=diagnosis, years=years, rng=scan_rng,
+                                   atrophy_scale=atrophy_scale, bias_scale=nuisance_scale)
+    ses = f"ses-M{months:03d}"
+    rel = f"{subject}/{ses}/anat/{subject}_{ses}_T1w.nii.gz"
+    nifti.save_volume(out / rel, volume, spacing_mm=spacing_mm, dtype="int16")
+    records.append(manifest_lib.ScanRecord(
+        subject=subject, path=str((out / rel).resolve()), diagnosis=diagnosis,
+        label=sorted(manifest_lib.DEFAULT_CLASSES).index(diagnosis), age=age, session_months=months,
+        scan_id=manifest_lib.scan_id(subject, months)))
+    truth.append(dict(scan_id=manifest_lib.scan_id(subject, months), subject=subject,
+                      session_months=months, diagnosis=diagnosis, age=age, years_from_baseline=years,
+                      **measures))
+  return records, truth
+
+
 def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
                     shape: Sequence[int] = nifti.DEFAULT_SHAPE, spacing_mm: float = nifti.DEFAULT_SPACING_MM,
                     sessions: tuple[int, int] = (2, 5), interval_months: int = 6,
                     atrophy_scale: float = 1.0, nuisance_scale: float = 1.0,
-                    progress: bool = True) -> pathlib.Path:
+                    workers: int = 1, progress: bool = True) -> pathlib.Path:
   """Writes the cohort under `out_dir`; returns `out_dir/manifest.csv`.
 
   `sessions=(lo, hi)`: each subject gets lo..hi sessions (inclusive), `interval_months` apart, from a
@@ -413,12 +443,16 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
   multiplies the variation that preprocessing removes in a real cohort: head pose and size (affine
   registration to MNI) and the bias field (N4). 1 gives scanner-space scans; ~0.25 leaves the residuals of
   the paper's preprocessing. The subject's own anatomy (the smooth deformation) is unaffected.
+  `workers`: processes rendering subjects in parallel (0: one per CPU core); the files are the same for any
+  number.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   shape = tuple(int(s) for s in shape)
   if subjects < 1:
     raise ValueError(f"subjects={subjects}: need at least one subject.")
+  if workers < 0:
+    raise ValueError(f"workers={workers}: need >= 0 (0: one process per CPU core).")
   if len(shape) != 3 or min(shape) < 8:
     raise ValueError(f"shape={shape}: three sizes >= 8 (X, Y, Z).")
   lo, hi = (int(s) for s in sessions)
@@ -433,28 +467,28 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
   width = max(4, len(str(subjects)))
   records, truth = [], []
   load_atlas(float(spacing_mm))
-  bar = tqdm(range(subjects), desc="synthetic cohort", unit="subject",
+  job = functools.partial(_write_subject, out, seed=seed, shape=shape, spacing_mm=float(spacing_mm),
+                          sessions=(lo, hi), interval_months=interval_months, width=width,
+                          atrophy_scale=atrophy_scale, nuisance_scale=nuisance_scale)
+  workers = min(os.cpu_count() or 1, subjects) if workers == 0 else min(int(workers), subjects)
+  bar = tqdm(total=subjects, desc="synthetic cohort", unit="subject",
              disable=not progress or not sys.stderr.isatty())  # no carriage-return frames in a log file
-  for i in bar:
-    diagnosis, age0, months_list, rng = _subject_plan(seed, i, (lo, hi), interval_months)
-    anatomy = build_anatomy(shape, spacing_mm, rng, pose_scale=nuisance_scale)
-    subject = f"sub-{i + 1:0{width}d}"
-    for j, months in enumerate(months_list):
-      years = months / 12.0
-      age = round(age0 + years, 2)
-      scan_rng = np.random.default_rng(np.random.SeedSequence([seed, i, j + 1]))
-      volume, measures = render_scan(anatomy, age=age, diagnosis=diagnosis, years=years, rng=scan_rng,
-                                     atrophy_scale=atrophy_scale, bias_scale=nuisance_scale)
-      ses = f"ses-M{months:03d}"
-      rel = f"{subject}/{ses}/anat/{subject}_{ses}_T1w.nii.gz"
-      nifti.save_volume(out / rel, volume, spacing_mm=spacing_mm, dtype="int16")
-      records.append(manifest_lib.ScanRecord(
-          subject=subject, path=str((out / rel).resolve()), diagnosis=diagnosis,
-          label=sorted(manifest_lib.DEFAULT_CLASSES).index(diagnosis), age=age, session_months=months,
-          scan_id=manifest_lib.scan_id(subject, months)))
-      truth.append(dict(scan_id=manifest_lib.scan_id(subject, months), subject=subject,
-                        session_months=months, diagnosis=diagnosis, age=age, years_from_baseline=years,
-                        **measures))
+  if workers <= 1:
+    results = map(job, range(subjects))
+    pool = None
+  else:
+    # "spawn": the caller (train.py) has usually started JAX's threads already, and a fork of a threaded
+    # process can deadlock. Each subject depends on (seed, i) alone, so the files do not depend on `workers`.
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    results = pool.map(job, range(subjects), chunksize=max(1, subjects // (8 * workers)))
+  try:
+    for subject_records, subject_truth in results:  # in subject order, whatever finished first
+      records += subject_records
+      truth += subject_truth
+      bar.update(1)
+  finally:
+    if pool is not None:
+      pool.shutdown(cancel_futures=True)
   bar.close()
   manifest_path = manifest_lib.write_manifest(records, out / "manifest.csv")
   header = list(truth[0])
@@ -496,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   # its flags with underscores, as train.py / evaluate.py's absl flags must.
   p.add_argument("--atrophy-scale", dest="atrophy_scale", type=float, help=argparse.SUPPRESS)
   p.add_argument("--nuisance-scale", dest="nuisance_scale", type=float, help=argparse.SUPPRESS)
+  p.add_argument("--workers", type=int, default=1,
+                 help="processes rendering subjects in parallel (default 1; 0: one per CPU core); same files")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
   try:
@@ -507,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   path = generate_cohort(args.out, subjects=args.subjects, seed=args.seed, shape=shape,
                          spacing_mm=args.spacing, sessions=sessions, interval_months=args.interval,
                          atrophy_scale=args.atrophy_scale, nuisance_scale=args.nuisance_scale,
-                         progress=not args.quiet)
+                         workers=args.workers, progress=not args.quiet)
   with open(path) as f:
     n_scans = sum(1 for _ in f) - 1
   print(f"synthetic cohort: {args.subjects} subjects, {n_scans} scans, {shape} at {args.spacing} mm, "

@@ -212,6 +212,19 @@ def stage_summaries(workdir: str | None) -> dict[str, Any]:
   return out
 
 
+def ddim_ratios(results: dict[str, dict], steps: int) -> dict[str, dict]:
+  """DAE / LDAE seconds for the same batch, DDIM alone and with LDAE's autoencoder pass added (encode: AE
+  encode before the DDIM encode; sample: AE decode after it), from `measure` results keyed by workload name."""
+  ratios = {}
+  for d in ("encode", "sample"):
+    l, a = results[f"ldae_ddim{steps}_{d}"], results[f"dae_ddim{steps}_{d}"]
+    ae = results["ae_encode" if d == "encode" else "ae_decode"]
+    ratios[d] = {"ddim_only": a["seconds_per_call"] / l["seconds_per_call"],
+                 "with_autoencoder": a["seconds_per_call"] / (l["seconds_per_call"] + ae["seconds_per_call"]),
+                 "meaning": "DAE seconds / LDAE seconds for the same batch (> 1: LDAE faster)"}
+  return ratios
+
+
 def compare(config: ml_collections.ConfigDict, dae_config: ml_collections.ConfigDict, *, batch: int, steps: int,
             repeats: int = 3, peak_tflops: float | None = None, train_batch: int | None = None,
             workdir: str | None = None, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -236,14 +249,7 @@ def compare(config: ml_collections.ConfigDict, dae_config: ml_collections.Config
       results[w.name] = r
       progress(f"  {w.name}: {r['samples_per_s']:.3g} samples/s, compile {r['compile_s']:.1f} s, "
                f"MFU {r['mfu'] if r['mfu'] is None else round(r['mfu'], 3)}")
-  ratios = {}
-  for d in ("encode", "sample"):
-    l, a = results[f"ldae_ddim{steps}_{d}"], results[f"dae_ddim{steps}_{d}"]
-    ae = results["ae_encode" if d == "encode" else "ae_decode"]
-    ldae_e2e = l["seconds_per_call"] + ae["seconds_per_call"]
-    ratios[d] = {"ddim_only": a["seconds_per_call"] / l["seconds_per_call"],
-                 "with_autoencoder": a["seconds_per_call"] / ldae_e2e,
-                 "meaning": "DAE seconds / LDAE seconds for the same batch (> 1: LDAE faster)"}
+  ratios = ddim_ratios(results, steps)
   return {
       "device": {"platform": dev.platform, "kind": getattr(dev, "device_kind", ""), "count": jax.device_count()},
       "jax_version": jax.__version__,

@@ -41,7 +41,8 @@ def manifest_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
     # No cohort.json (written last) means an interrupted generation: regenerate, every file is rewritten.
     print(f"config.data.manifest is empty: generating a synthetic cohort of {wanted['subjects']} "
           f"subjects into {out}", flush=True)
-    synthetic.generate_cohort(out, **wanted)
+    # The worker count is not part of `wanted` (nor of cohort.json): the files do not depend on it.
+    synthetic.generate_cohort(out, **wanted, workers=int(config.data.synthetic.workers))
   distributed.barrier(f"synthetic cohort in {out}")
   return existing
 
