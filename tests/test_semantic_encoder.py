@@ -248,6 +248,7 @@ def test_template_code_norm_standardises_relative_codes_and_uses_running_statist
   y = normed(x, deterministic=False, rngs=jax.random.key(1))  # the batch's own statistics
   np.testing.assert_allclose(np.asarray(y), (rel - rel.mean(0)) / rel.std(0), rtol=1e-3, atol=1e-3)
   assert float(normed.code_norm.weight[...]) == 0.0  # a training forward leaves the running statistics alone
+  np.testing.assert_allclose(np.asarray(normed(x)), rel, rtol=1e-4, atol=1e-5)  # no statistics yet: as it is
   normed.update_code_statistics(x)
   # Bias-corrected: after a single update the running statistics are that batch's, whatever the momentum.
   np.testing.assert_allclose(np.asarray(normed(x)), (rel - rel.mean(0)) / rel.std(0), rtol=1e-3, atol=1e-3)

@@ -148,9 +148,11 @@ class CodeNorm(nnx.Module):
   def __call__(self, y: jax.Array, *, use_running_average: bool) -> jax.Array:
     """Standardised `y`: by the running statistics, or by the batch's own (which leaves them unchanged)."""
     y = y.astype(jnp.float32)
-    if use_running_average:
-      w = jnp.maximum(self.weight[...], 1e-12)
-      mean, var = self.mean[...] / w, self.var[...] / w
+    if use_running_average:  # before any update (an untrained encoder): the relative code as it is
+      w = self.weight[...]
+      safe = jnp.where(w > 0, w, 1.0)
+      mean = jnp.where(w > 0, self.mean[...] / safe, 0.0)
+      var = jnp.where(w > 0, self.var[...] / safe, 1.0)
     else:
       mean, var = self.batch_statistics(y)
     return (y - mean) * jax.lax.rsqrt(var + CODE_NORM_EPS)
