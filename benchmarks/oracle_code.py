@@ -83,10 +83,9 @@ def run(config, workdir: str, steps: int, seed: int = 0, n_test: int = 64) -> di
   mu = test["mu"][:n_test].astype(np.float32)
   perm = code_use.other_subject_pairing(test["subject"][:n_test], seed=seed)
   y = code_of(mu)
-  frozen = lambda x, t: (lambda emb, hs, eps: ((emb, hs), eps))(*shift.frozen(x, t))
+  frozen, shift_fn = shift.frozen_and_shift_fns()
   out = jax.jit(lambda z, a, b: code_use.swap_losses_by_t(
-      frozen, lambda ctx, code: shift.shift(ctx[1], ctx[0], code), z, a, b, jax.random.key(seed),
-      code_use.DEFAULT_TIMESTEPS, sched))(jnp.asarray(mu) * scale, jnp.asarray(y), jnp.asarray(y[perm]))
+      frozen, shift_fn, z, a, b, jax.random.key(seed), code_use.DEFAULT_TIMESTEPS, sched))(jnp.asarray(mu) * scale, jnp.asarray(y), jnp.asarray(y[perm]))
   summary = code_use.summarise(jax.device_get(out), code_use.DEFAULT_TIMESTEPS, seed=seed)
   return {"device": str(jax.devices()[0]), "config": config.name, "workdir": workdir, "steps": steps,
           "batch": bs, "lr": float(cfg.lr), "train_seconds": train_s, "final_train_loss": float(metrics["loss"]),

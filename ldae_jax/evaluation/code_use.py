@@ -31,8 +31,7 @@ def make_swap_fn(m: LDAEModels, config: ml_collections.ConfigDict, timesteps) ->
   @jax.jit
   def run(shift_state, batch):
     shift = nnx.merge(m.shift_def, shift_state)
-    frozen = lambda x, t: (lambda emb, hs, eps: ((emb, hs), eps))(*shift.frozen(x, t))
-    shift_fn = lambda ctx, y: shift.shift(ctx[1], ctx[0], y)
+    frozen, shift_fn = shift.frozen_and_shift_fns()
     key = jax.random.wrap_key_data(batch["key"][0])
     out = cu.swap_losses_by_t(frozen, shift_fn, batch["mu"] * m.scale, batch["y"], batch["y_other"], key,
                               timesteps, sched, y_mean=batch["y_mean"][0])

@@ -153,7 +153,7 @@ def run_code_use(config, workdir, out, models=None) -> dict:
   from ldae_jax.training import ldm_stage
   m = models or rec.load_ldae(config, workdir)
   data = rec.read_split(workdir, "test", int(config.eval.max_scans))
-  mean_latent = shards.read_all(ldm_stage.shard_dir(workdir, "train"), ("mu",))["mu"].mean(axis=0)
+  mean_latent = shards.field_mean(ldm_stage.shard_dir(workdir, "train"), "mu")
   r = code_use.evaluate_code_use(m, config, data, mean_latent, steps=int(min(config.eval.ddim_steps)),
                                  seed=int(config.seed))
   md = code_use.markdown(r)

@@ -73,6 +73,14 @@ class ShiftUNet(nnx.Module):
       h = apply_sequence(layers, h, emb, z, **kw)
     return apply_head(self.shift_out_0, self.shift_out_2, h, self.dtype)
 
+  def frozen_and_shift_fns(self):
+    """`(frozen_fn, shift_fn)` in the form `diffusion.code_use` takes: `frozen_fn(x_t, t) -> ((emb, skips), eps)`
+    runs the frozen UNet once; `shift_fn(context, y) -> G` re-runs only the shift branch for another code."""
+    def frozen_fn(x, t):
+      emb, hs, eps = self.frozen(x, t)
+      return (emb, hs), eps
+    return frozen_fn, lambda ctx, y: self.shift(ctx[1], ctx[0], y)
+
   def __call__(self, x: Array, t: Array, y: Array, *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> tuple[Array, Array]:
     """x (B,X,Y,Z,C), t int (B,), y (B, latent_dim) -> (eps, G), both (B,X,Y,Z,C) float32."""

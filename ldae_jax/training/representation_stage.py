@@ -120,9 +120,8 @@ def make_heldout_code_use_fn(s_def, s_rngs, e_def, e_rngs, sched, scale: float, 
     shift = st.merge_model(s_def, params["shift"], s_rngs, state.rest["shift"])
     enc = st.merge_model(e_def, params["encoder"], e_rngs, state.rest["encoder"])
     y = enc(images, deterministic=True)
-    frozen = lambda x, t: (lambda emb, hs, eps: ((emb, hs), eps))(*shift.frozen(x, t))
-    out = code_use.swap_losses_by_t(frozen, lambda ctx, code: shift.shift(ctx[1], ctx[0], code), z0, y, y[perm],
-                                    jax.random.key(0), HELDOUT_TIMESTEPS, sched)
+    frozen, shift_fn = shift.frozen_and_shift_fns()
+    out = code_use.swap_losses_by_t(frozen, shift_fn, z0, y, y[perm], jax.random.key(0), HELDOUT_TIMESTEPS, sched)
     own, other, off = (jnp.mean(out[k], axis=1) for k in ("own", "other", "off"))
     spread = jnp.mean(jnp.std(y, axis=0)) / jnp.sqrt(jnp.mean(jnp.square(y)))
     return {"code_gap": jnp.mean((other - own) / own), "g_gain": jnp.mean((off - own) / off),
