@@ -446,7 +446,7 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
   `workers`: processes rendering subjects in parallel (0: one per CPU core); the files are the same for any
   number.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from ldae_jax import progress as progress_lib  # pylint: disable=g-import-not-at-top
 
   shape = tuple(int(s) for s in shape)
   if subjects < 1:
@@ -471,8 +471,7 @@ def generate_cohort(out_dir: str | os.PathLike, *, subjects: int, seed: int,
                           sessions=(lo, hi), interval_months=interval_months, width=width,
                           atrophy_scale=atrophy_scale, nuisance_scale=nuisance_scale)
   workers = min(os.cpu_count() or 1, subjects) if workers == 0 else min(int(workers), subjects)
-  bar = tqdm(total=subjects, desc="synthetic cohort", unit="subject",
-             disable=not progress or not sys.stderr.isatty())  # no carriage-return frames in a log file
+  bar = progress_lib.bar(total=subjects, desc="synthetic cohort", unit="subject", disable=not progress)
   if workers <= 1:
     results = map(job, range(subjects))
     pool = None

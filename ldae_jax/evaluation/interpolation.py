@@ -1,11 +1,11 @@
-"""Longitudinal interpolation (ldae_reference.md §4.4): predict an intermediate scan from its neighbours.
+"""Longitudinal interpolation (the paper's missing follow-up experiment): predict an intermediate scan from its neighbours.
 
 For every subject with >= 3 sessions, every pair (i, j) with j >= i + 2 and every k strictly between them:
 alpha = (t_k - t_i) / (t_j - t_i); y = LERP(y_i, y_j; alpha); x_T = SLERP(x_T,i, x_T,j; alpha) (each x_T
 DDIM-encoded with its own code); DDIM-sample and AE-decode. Scored against the AE reconstruction of scan k (the
 reference's target) and against the image, beside two model-free baselines scored the same way: copying the
 nearest session, and the voxel-wise LERP of the two neighbouring images. Grouped by prediction gap min(t_k - t_i, t_j - t_k) in months
-(the quantity behind the paper's 6/12/18/24-month figures, most plausibly; ldae_reference.md §4.4), by the
+(the quantity behind the paper's 6/12/18/24-month figures, most plausibly), by the
 total gap t_j - t_i and by the relative position alpha rounded to 0.1.
 """
 

@@ -1,4 +1,4 @@
-"""Attribute manipulation along the AD-vs-CN probe direction, and stochastic variations (ldae_reference.md §2.4).
+"""Attribute manipulation along the AD-vs-CN probe direction, and stochastic variations (the paper's counterfactual edits).
 
 With the probe's standardisation (mean m, std s) and unit direction w (towards AD, the positive class):
 y' = ((y - m)/s + alpha sqrt(d) w) s + m (`diffusion.interpolate.manipulate`); x_T is DDIM-encoded with the

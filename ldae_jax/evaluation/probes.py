@@ -1,6 +1,6 @@
 """Linear probes on semantic codes: AD vs CN (logistic regression) and age (ridge regression).
 
-The reference protocol (ldae_reference.md §4.1, §6 item 13) splits the training embeddings 70/30 at random, so scans
+The reference protocol (docs/fidelity.md, "Reference bugs") splits the training embeddings 70/30 at random, so scans
 of one subject land on both sides and the validation score leaks; its age scaling also uses the test ages, and it
 calls CN the positive class. Here:
 * model selection uses subject-grouped K-fold cross-validation on the train split (no subject in two folds), with

@@ -13,13 +13,13 @@ import json
 import math
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 
+from ldae_jax import progress
 from ldae_jax.training.checkpoint import Checkpointer
 
 PyTree = Any
@@ -93,9 +93,7 @@ def read_metrics(stage_dir: str | os.PathLike) -> list[dict[str, float]]:
 def _progress(total: int, initial: int, desc: str):
   """A tqdm bar on a terminal; disabled elsewhere (a log file would get one carriage-return frame per second),
   where `run_steps` prints a plain line every `log_every` steps instead."""
-  from tqdm import tqdm
-  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0,
-              disable=jax.process_index() != 0 or not sys.stderr.isatty())
+  return progress.bar(total=total, initial=initial, desc=desc)
 
 
 def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyTree, PyTree], tuple[PyTree, dict]],

@@ -1,11 +1,11 @@
-"""Stage 3: representation learning (reference §1.4).
+"""Stage 3: representation learning (PDAE-style, as in the reference).
 
 The ShiftUNet's UNet is loaded from the stage-2 **EMA** weights and frozen (deterministic, stop_gradient);
 the semantic encoder and the shift branch are trained with the PDAE loss
   L = mean lambda_t (eps - (eps_hat + c_t G))^2, y = Enc(image), (eps_hat, G) = ShiftUNet(z_t, t, y),
 with EMA copies of both. Missing or mismatching stage-2 weights are a hard error (the reference silently
-trained on a random UNet, §6 bug 1). EMA once per optimizer step unless
-`config.train.representation.reference_ema_per_microbatch` (the reference's per-micro-batch update, §6 bug 6).
+trained on a random UNet; docs/fidelity.md, "Reference bugs"). EMA once per optimizer step unless
+`config.train.representation.reference_ema_per_microbatch` (the reference's per-micro-batch update; docs/fidelity.md).
 """
 
 from __future__ import annotations
