@@ -20,6 +20,7 @@ def get_config(variant: str = ""):
   if variant not in known:
     raise ValueError(f"configs/dae_image_space.py: unknown variant {variant!r} (known: {known[1:]})")
   c.unet.in_channels = 1
+  c.unet.input_space = "image"
   if variant.startswith("small"):
     c.name = "dae_image_space_small"
     c.data.image_shape = (32, 40, 32)

@@ -63,6 +63,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.unet = ml_collections.ConfigDict()
   c.unet.in_channels = 3
+  # What the UNet denoises: "latent" (LDAE: the autoencoder's latent) or "image" (an image-space DAE baseline).
+  c.unet.input_space = "latent"
   c.unet.base_channels = 256
   c.unet.channel_mult = (1, 2, 3)
   c.unet.num_res_blocks = 2
@@ -106,6 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.diffusion.clamp_x0 = True  # reference behaviour (PDAE legacy); see docs
   c.diffusion.clamp_range = 1.0  # 0: the largest |scaled latent| of the train split (docs/fidelity.md)
   c.diffusion.pdae_gamma = 0.1
+  # What the stage-2 UNet's head predicts: "eps" (the reference) or "v" = sqrt(abar) eps - sqrt(1-abar) x0, trained
+  # with the v-MSE; either way the UNet returns eps, so stage 3 and DDIM are unchanged (docs/fidelity.md).
+  c.diffusion.prediction = "eps"
   c.diffusion.scale_factor = 0.0  # 0 = computed from the data at the `latents` stage (1/std)
 
   # ---------------------------------------------------------------- parallelism
@@ -182,13 +187,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(
           f"config.data.image_shape {tuple(config.data.image_shape)}: axis {ax}={size} is not divisible by "
           f"2**{n_down} (the autoencoder's {n_down} downsamplings).")
-  latent = [s // 2**n_down for s in config.data.image_shape]
+  if config.diffusion.prediction not in ("eps", "v"):
+    raise ValueError(f"config.diffusion.prediction={config.diffusion.prediction!r}: 'eps' (reference) or 'v'.")
+  if config.unet.input_space not in ("latent", "image"):
+    raise ValueError(f"config.unet.input_space={config.unet.input_space!r}: 'latent' or 'image'.")
+  unet_input = unet_input_shape(config)
   n_unet_down = len(config.unet.channel_mult) - 1
-  for ax, size in zip("YZ", latent[1:]):
+  for ax, size in zip("YZ", unet_input[1:3]):
     if size % (2**n_unet_down):
+      where = (f"image {tuple(config.data.image_shape)} / 2**{n_down}" if config.unet.input_space == "latent"
+               else "config.unet.input_space='image'")
       raise ValueError(
-          f"latent axis {ax}={size} (image {tuple(config.data.image_shape)} / 2**{n_down}) is not divisible "
-          f"by 2**{n_unet_down}, the UNet's (1,2,2) downsamplings.")
+          f"UNet input axis {ax}={size} ({where}) is not divisible by 2**{n_unet_down}, the UNet's (1,2,2) "
+          "downsamplings.")
   if config.encoder.seq_len != config.data.image_shape[2]:
     raise ValueError(
         f"config.encoder.seq_len={config.encoder.seq_len} must equal the number of axial slices "
@@ -265,6 +276,13 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]
   f = 2 ** (len(config.autoencoder.channels) - 1)
   x, y, z = (s // f for s in config.data.image_shape)
   return (x, y, z, config.autoencoder.latent_channels)
+
+
+def unet_input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+  """(X, Y, Z, C) of what the UNet denoises: the latent, or for `unet.input_space="image"` the image itself."""
+  if config.unet.input_space == "image":
+    return (*config.data.image_shape, config.unet.in_channels)
+  return latent_shape(config)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -85,3 +85,22 @@ def test_gpu_config_is_the_quickstart_method_at_3mm_in_bf16_and_tiny_shrinks_it(
   assert tiny.data.synthetic.subjects == 16 and max(tiny.train[s].steps for s in ("ldm", "representation")) < 20
   with pytest.raises(ValueError, match="unknown variant"):
     load_config(str(CONFIGS / "gpu.py") + ":huge")
+
+
+@pytest.mark.parametrize("variant", ["", "small", "bf16", "small_bf16"])
+def test_image_space_dae_configs_validate_against_the_image(variant):
+  from ldae_jax.config import unet_input_shape
+  c = load_config(str(CONFIGS / "dae_image_space.py") + (f":{variant}" if variant else ""))
+  assert unet_input_shape(c) == (*c.data.image_shape, 1)
+  c.unet.channel_mult = (1, 2, 2, 2, 2, 2, 2)  # 2**6 divides neither 160 nor 40 (Y)
+  with pytest.raises(ValueError, match="input_space='image'"):
+    validate(c)
+
+
+def test_latent_unet_input_is_the_latent():
+  from ldae_jax.config import unet_input_shape
+  c = load_config(str(CONFIGS / "quickstart.py"))
+  assert unet_input_shape(c) == latent_shape(c) == (8, 10, 8, 3)
+  c.unet.input_space = "pixels"
+  with pytest.raises(ValueError, match="input_space"):
+    validate(c)

@@ -10,6 +10,7 @@ import pathlib
 import jax
 import ml_collections
 import jax.numpy as jnp
+from flax import nnx
 import numpy as np
 import pytest
 
@@ -236,3 +237,25 @@ def test_cosine_lr_schedule_decays_to_zero_over_the_stage():
   assert -float(upd["w"]) == pytest.approx(1e-2, rel=1e-3)
   with pytest.raises(ValueError, match="lr_schedule"):
     st.make_optimizer(ml_collections.ConfigDict(dict(cfg, lr_schedule="linear")))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ldm_objective_follows_the_prediction_target(prediction):
+  """The stage-2 loss of a fresh UNet (zero-initialised head: raw output 0) is the mean square of its target:
+  the noise for eps (~1), v = sqrt(abar) eps - sqrt(1-abar) z0 for v, which grows with |z0| at high t."""
+  from ldae_jax.diffusion.schedule import make_schedule
+  from ldae_jax.models import build_unet
+  from ldae_jax.training import state as st
+  c = tiny_config()
+  c.diffusion.prediction = prediction
+  c.train.ldm.grad_accum = 1
+  graphdef, params, rngs, rest = st.split_model(build_unet(c, nnx.Rngs(params=0, dropout=1)))
+  tx = st.make_optimizer(c.train.ldm)
+  state = st.create_state(params, rest, tx, seed=5, with_ema=False)
+  step = jax.jit(ldm_stage.make_step(graphdef, rngs, tx, make_schedule(c.diffusion), 1.0, c.train.ldm))
+  _, m = step(state, {"mu": np.full((64, 4, 4, 4, 3), 4.0, np.float32)})
+  loss = float(m["loss"])
+  if prediction == "eps":
+    assert 0.8 < loss < 1.2
+  else:  # E[abar] + 16 E[1 - abar] over t ~ U{0..999}: ~ 0.28 + 16 * 0.72
+    assert 8.0 < loss < 14.0

@@ -108,3 +108,37 @@ def test_remat_same_values_and_gradients():
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5 * float(jnp.abs(a).max()))
   assert all(float(jnp.abs(a).sum()) > 0 for a in jax.tree.leaves(g1))
+
+
+def test_v_parameterisation_returns_eps_and_is_exact_on_the_v_target(model, fx):
+  """`config.diffusion.prediction="v"`: the head's v becomes eps = sqrt(1-abar) x_t + sqrt(abar) v, so a head
+  that outputs the true v gives back exactly the noise; the ShiftUNet's frozen eps is the UNet's."""
+  from ldae_jax.config import default_config
+  from ldae_jax.diffusion import losses, schedule as schedule_lib
+  from ldae_jax.models.shift_unet import ShiftUNet
+  from ldae_jax.models.unet import v_coefs
+  c = default_config()
+  assert v_coefs(c) is None  # the reference's eps
+  c.diffusion.prediction = "v"
+  coefs = v_coefs(c)
+  sched = schedule_lib.make_schedule(c.diffusion)
+  vmodel = UNet(**TINY, v_coefs=coefs, rngs=nnx.Rngs(0))
+  nnx.update(vmodel, nnx.state(model, nnx.Param))  # same weights as the converted reference UNet
+  x = ndhwc(fx["in/x"])
+  t = jnp.asarray(fx["in/t"])
+  raw = vmodel.raw(x, t)
+  np.testing.assert_allclose(raw, forward(model, x, t), **TOL)  # the head is the reference's
+  a = np.sqrt(1.0 - np.asarray(sched.alphas_cumprod, np.float64))[np.asarray(t)][:, None, None, None, None]
+  np.testing.assert_allclose(vmodel(x, t), a * np.asarray(x) + np.sqrt(1 - a**2) * np.asarray(raw),
+                             rtol=1e-5, atol=1e-5)
+  z0 = jax.random.normal(jax.random.key(1), x.shape)
+  noise = jax.random.normal(jax.random.key(2), x.shape)
+  x_t = losses.q_sample(sched, z0, t, noise)
+  np.testing.assert_allclose(vmodel.to_eps(losses.v_target(sched, z0, t, noise), x_t, t), noise, atol=2e-5)
+  shift = ShiftUNet(**TINY, latent_dim=16, v_coefs=coefs, rngs=nnx.Rngs(0))
+  nnx.update(shift.unet, nnx.state(vmodel, nnx.Param))
+  eps, _ = shift(x, t, jnp.zeros((x.shape[0], 16)))
+  np.testing.assert_allclose(eps, vmodel(x, t), rtol=1e-5, atol=1e-5)
+  c.diffusion.prediction = "x0"
+  with pytest.raises(ValueError, match="prediction"):
+    v_coefs(c)

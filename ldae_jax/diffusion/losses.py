@@ -30,6 +30,13 @@ def q_sample(sched: GaussianSchedule, z0: jax.Array, t: jax.Array, noise: jax.Ar
           + extract(sched.sqrt_one_minus_alphas_cumprod, t, z0.ndim) * noise)
 
 
+def v_target(sched: GaussianSchedule, z0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+  """v = sqrt(abar_t) noise - sqrt(1 - abar_t) z0 (Salimans & Ho 2022), the v-parameterisation's target."""
+  z0 = jnp.asarray(z0, jnp.float32)
+  return (extract(sched.sqrt_alphas_cumprod, t, z0.ndim) * jnp.asarray(noise, jnp.float32)
+          - extract(sched.sqrt_one_minus_alphas_cumprod, t, z0.ndim) * z0)
+
+
 def eps_loss(eps_pred: jax.Array, noise: jax.Array) -> jax.Array:
   """Stage-2 objective: mean over all elements of (noise - eps_pred)^2 (no weighting), float32 scalar."""
   eps_pred = jnp.asarray(eps_pred).astype(jnp.float32)

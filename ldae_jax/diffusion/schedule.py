@@ -203,6 +203,11 @@ def make_schedule(diffusion_config: Any) -> GaussianSchedule:
   return GaussianSchedule(key, *(_f32(t64[n]) for n in _GAUSSIAN_TABLES))
 
 
+def tables_f64(diffusion_config: Any) -> dict[str, np.ndarray]:
+  """The schedule's float64 numpy tables (read-only), e.g. for constants built while JAX traces (eval_shape)."""
+  return _gaussian_tables_f64(make_schedule(diffusion_config).key)
+
+
 def ddim_timestep_map(num_timesteps: int, steps: int) -> np.ndarray:
   """Sorted set of int(linspace(0, T-1, S+1)) (reference `ddimS`): S+1 entries, always holds 0 and T-1."""
   if not 1 <= steps < num_timesteps:

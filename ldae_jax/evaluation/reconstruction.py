@@ -1,4 +1,4 @@
-"""Trained-model loading, semantic codes and DDIM reconstructions (ldae_reference.md §2.4, §4.3).
+"""Trained-model loading, semantic codes and DDIM reconstructions (the paper's encode-decode protocol).
 
 Every per-batch computation is one `jax.jit` function of (model state, batch) compiled once per batch shape: the
 last batch is padded to the fixed `config.eval.batch_size` (padded rows are dropped from the results), and each
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
+from ldae_jax import progress
 from ldae_jax.data import shards
 from ldae_jax.diffusion import ddim as ddim_lib, schedule as schedule_lib
 from ldae_jax.evaluation import metrics
@@ -131,7 +131,7 @@ def map_batched(fn: Callable[..., dict], arrays: dict[str, np.ndarray], batch_si
   """Runs jitted `fn(*args, batch_dict)` over fixed-size batches (last padded) and concatenates real rows."""
   n = len(next(iter(arrays.values())))
   outs: dict[str, list] = {}
-  for idx, real in tqdm(list(batches(n, batch_size)), desc=desc, unit="batch", leave=False):
+  for idx, real in progress.bar(list(batches(n, batch_size)), desc=desc, unit="batch", leave=False):
     res = jax.device_get(fn(*args, {k: v[idx] for k, v in arrays.items()}))
     for k, v in res.items():
       outs.setdefault(k, []).append(np.asarray(v)[:real])

@@ -237,8 +237,8 @@ def compare(config: ml_collections.ConfigDict, dae_config: ml_collections.Config
       "ldae": ddim_workloads(config, label="ldae", spatial=lat[:3], channels=lat[3], batch=batch, steps=steps,
                              emb_dim=emb),
       "autoencoder": autoencoder_workloads(config, batch=batch),
-      "dae": ddim_workloads(dae_config, label="dae", spatial=tuple(dae_config.data.image_shape),
-                            channels=int(dae_config.unet.in_channels), batch=batch, steps=steps, emb_dim=emb),
+      "dae": ddim_workloads(dae_config, label="dae", spatial=cfglib.unet_input_shape(dae_config)[:3],
+                            channels=cfglib.unet_input_shape(dae_config)[3], batch=batch, steps=steps, emb_dim=emb),
       "train": [ldm_train_workload(config, batch=train_batch or batch)],
   }
   results: dict[str, dict] = {}

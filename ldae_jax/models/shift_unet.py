@@ -28,10 +28,10 @@ class ShiftUNet(nnx.Module):
 
   def __init__(self, in_channels: int, base_channels: int, channel_mult, num_res_blocks: int,
                attention_resolutions, *, latent_dim: int, num_heads: int = 1, dropout: float = 0.0,
-               norm_groups: int = 32, dtype=F32, remat: bool = False, rngs: nnx.Rngs):
+               norm_groups: int = 32, dtype=F32, remat: bool = False, v_coefs=None, rngs: nnx.Rngs):
     self.unet = UNet(in_channels, base_channels, channel_mult, num_res_blocks, attention_resolutions,
                      num_heads=num_heads, dropout=dropout, norm_groups=norm_groups, dtype=dtype,
-                     remat=remat, rngs=rngs)
+                     remat=remat, v_coefs=v_coefs, rngs=rngs)
     self.dtype = dtype
     self.remat = remat
     self.latent_dim = latent_dim
@@ -59,7 +59,7 @@ class ShiftUNet(nnx.Module):
     emb = u.embed_time(t)
     hs = u.encode(x, emb, deterministic=True)
     h = u.middle(hs[-1], emb, deterministic=True)
-    eps = u.head(u.decode(h, hs, emb, deterministic=True))
+    eps = u.to_eps(u.head(u.decode(h, hs, emb, deterministic=True)), x, t)
     return jax.lax.stop_gradient((emb, hs, eps))
 
   def shift(self, hs: list[Array], emb: Array, y: Array, *, deterministic: bool = True,

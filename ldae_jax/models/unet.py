@@ -74,8 +74,13 @@ class UNet(nnx.Module):
   def __init__(self, in_channels: int, base_channels: int, channel_mult: Sequence[int],
                num_res_blocks: int, attention_resolutions: Sequence[int], *, num_heads: int = 1,
                dropout: float = 0.0, norm_groups: int = 32, out_channels: int | None = None,
-               dtype=F32, remat: bool = False, rngs: nnx.Rngs):
+               dtype=F32, remat: bool = False, v_coefs: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+               rngs: nnx.Rngs):
     self.in_channels = in_channels
+    # v-parameterisation (`config.diffusion.prediction="v"`): the head predicts v = sqrt(abar) eps - sqrt(1-abar) x0
+    # and `to_eps` returns eps = sqrt(1-abar) x_t + sqrt(abar) v, so every caller still receives eps. Static
+    # per-timestep tables (sqrt(1-abar_t), sqrt(abar_t)) as tuples: part of the graph definition, not of the state.
+    self.v_coefs = None if v_coefs is None else (tuple(map(float, v_coefs[0])), tuple(map(float, v_coefs[1])))
     self.base_channels = base_channels
     self.channel_mult = tuple(channel_mult)
     self.dtype = dtype
@@ -145,19 +150,30 @@ class UNet(nnx.Module):
     return h
 
   def head(self, h: Array) -> Array:
-    """`out`: GN -> SiLU -> conv3, float32 result."""
+    """`out`: GN -> SiLU -> conv3, float32 result (eps, or v under the v-parameterisation)."""
     return apply_head(self.out_0, self.out_2, h, self.dtype)
 
-  def __call__(self, x: Array, t: Array, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> Array:
-    """x (B, X, Y, Z, C), t int (B,) -> predicted noise (B, X, Y, Z, C) float32."""
+  def to_eps(self, raw: Array, x: Array, t: Array) -> Array:
+    """The head's output as predicted noise: itself (reference), or from v at timesteps t (float32)."""
+    if self.v_coefs is None:
+      return raw
+    shape = (t.shape[0],) + (1,) * (raw.ndim - 1)
+    c_x, c_v = (jnp.take(jnp.asarray(c, jnp.float32), t.astype(jnp.int32)).reshape(shape) for c in self.v_coefs)
+    return c_x * x.astype(F32) + c_v * raw
+
+  def raw(self, x: Array, t: Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> Array:
+    """The network's own output (eps, or v under the v-parameterisation), float32."""
     if x.ndim != 5 or x.shape[-1] != self.in_channels:
       raise ValueError(f"UNet expects x of shape (B, X, Y, Z, {self.in_channels}) (NDHWC); got {x.shape}.")
     emb = self.embed_time(t)
     hs = self.encode(x, emb, deterministic=deterministic, rngs=rngs)
     h = self.middle(hs[-1], emb, deterministic=deterministic, rngs=rngs)
-    h = self.decode(h, hs, emb, deterministic=deterministic, rngs=rngs)
-    return self.head(h)
+    return self.head(self.decode(h, hs, emb, deterministic=deterministic, rngs=rngs))
+
+  def __call__(self, x: Array, t: Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> Array:
+    """x (B, X, Y, Z, C), t int (B,) -> predicted noise (B, X, Y, Z, C) float32."""
+    return self.to_eps(self.raw(x, t, deterministic=deterministic, rngs=rngs), x, t)
 
 
 def unet_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -166,7 +182,19 @@ def unet_kwargs(config: ml_collections.ConfigDict) -> dict:
   return dict(in_channels=u.in_channels, base_channels=u.base_channels, channel_mult=tuple(u.channel_mult),
               num_res_blocks=u.num_res_blocks, attention_resolutions=tuple(u.attention_resolutions),
               num_heads=u.num_heads, dropout=u.dropout, norm_groups=u.norm_groups,
-              dtype=dtype_from_name(config.compute_dtype), remat=bool(config.remat))
+              dtype=dtype_from_name(config.compute_dtype), remat=bool(config.remat), v_coefs=v_coefs(config))
+
+
+def v_coefs(config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  """(sqrt(1 - abar_t), sqrt(abar_t)) for `config.diffusion.prediction == "v"`, else None (eps, the reference)."""
+  prediction = config.diffusion.get("prediction", "eps")
+  if prediction == "eps":
+    return None
+  if prediction != "v":
+    raise ValueError(f"config.diffusion.prediction={prediction!r}: 'eps' (reference) or 'v'.")
+  from ldae_jax.diffusion import schedule as schedule_lib  # pylint: disable=g-import-not-at-top
+  t64 = schedule_lib.tables_f64(config.diffusion)  # numpy: also callable while nnx.eval_shape traces
+  return tuple(t64["sqrt_one_minus_alphas_cumprod"].tolist()), tuple(t64["sqrt_alphas_cumprod"].tolist())
 
 
 def build_unet(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> UNet:

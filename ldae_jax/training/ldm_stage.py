@@ -3,7 +3,8 @@
 
 z0 = scale * mu (the posterior mean, not one stored posterior sample as the reference does, see docs/fidelity.md,
 "Reference bugs": a baked-in sigma*eps sample puts a floor under the loss), t ~ U{0..T-1}, z_t = q_sample(z0, t, eps),
-L = mean (eps - UNet(z_t, t))^2 with dropout active. Adam with the reference's settings after global-norm
+L = mean (eps - UNet(z_t, t))^2 with dropout active (with `config.diffusion.prediction="v"`, the v-MSE of the UNet's
+head instead). Adam with the reference's settings after global-norm
 clipping; gradient accumulation by `lax.scan`; EMA once per optimizer step.
 """
 
@@ -69,8 +70,11 @@ def make_step(graphdef, rng_state, tx: optax.GradientTransformation, sched, scal
     k_t, k_n, k_d = jax.random.split(key, 3)
     t = jax.random.randint(k_t, (z0.shape[0],), 0, timesteps)
     noise = jax.random.normal(k_n, z0.shape, jnp.float32)
-    eps = model(losses.q_sample(sched, z0, t, noise), t, deterministic=False, rngs=nnx.Rngs(dropout=k_d))
-    return losses.eps_loss(eps, noise)
+    out = model.raw(losses.q_sample(sched, z0, t, noise), t, deterministic=False, rngs=nnx.Rngs(dropout=k_d))
+    # eps-MSE (reference), or v-MSE: the eps-MSE weighted by 1/abar_t, so that the high-t steps, where the
+    # sampler's x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) magnifies every eps error, are learnt as well.
+    v_prediction = model.v_coefs is not None  # config.diffusion.prediction, fixed in the graph definition
+    return losses.eps_loss(out, losses.v_target(sched, z0, t, noise) if v_prediction else noise)
 
   return st.make_train_step(loss_fn, tx, accum=accum, ema_decay=decay)
 
