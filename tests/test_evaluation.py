@@ -115,6 +115,8 @@ def test_probe_report_pieces(tmp_path):
     res[name]["code_spread"] = probes.relative_spread(train["codes"])
   md = report.probe_markdown(res)
   assert md.count("| trained |") == 2 and "Code spread" in md and "known factor" not in md
+  assert "collapsed" in md and "collapsed" not in report.probe_markdown(res, "template")
+  assert "code-use section" in report.probe_markdown(res, "template")
   truth = {s: {k: 1.0 for k in report.KNOWN_FACTORS} for s in train["scan_id"]}
   for name in res:
     res[name]["known_factors"] = probes.factor_recovery(

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from ldae_jax.data import atomic
-from ldae_jax.evaluation import figures, probes, reconstruction as rec, throughput
+from ldae_jax.evaluation import checks, figures, probes, reconstruction as rec, throughput
 
 
 def _jsonable(o: Any) -> Any:
@@ -44,15 +44,24 @@ def _save_nifti(path: pathlib.Path, vol: np.ndarray, config) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ probe
-def probe_markdown(results: dict[str, dict]) -> str:
-  """The probe tables of `run_probe`'s results: metrics, known-factor read-out (synthetic cohorts), code spread."""
+def probe_markdown(results: dict[str, dict], code_norm: str = "none") -> str:
+  """The probe tables of `run_probe`'s results: metrics, known-factor read-out (synthetic cohorts), code spread.
+
+  `code_norm` is the trained encoder's `config.encoder.code_norm`: a standardised ("template") code has a spread
+  near 1 by construction, so there the spread says nothing about collapse and the note points elsewhere."""
   md = probes.format_table(results)
-  if all("known_factors" in r for r in results.values()):
-    md += "\n" + probes.format_factor_table({n: r["known_factors"] for n, r in results.items()})
-  spread = ", ".join(f"{n} {r['code_spread']:.2g}" for n, r in results.items())
-  return md + (f"\nCode spread (std across scans / RMS of the codes): {spread}. A trained spread far below the "
-               "untrained encoder's means the encoder has collapsed towards a constant code: a probe may still "
-               "read it, but decoding barely depends on it.\n")
+  with_factors = {n: r["known_factors"] for n, r in results.items() if "known_factors" in r}
+  if with_factors:
+    md += "\n" + probes.format_factor_table(with_factors)
+  spread = ", ".join(f"{n} {r['code_spread']:.2g}" for n, r in results.items() if "code_spread" in r)
+  if code_norm == "template":
+    note = ("The trained code is standardised per dimension (config.encoder.code_norm='template'), so its spread "
+            "is ~1 by construction and cannot show a collapse; whether decoding uses the code is what the "
+            "code-use section measures.")
+  else:
+    note = ("A trained spread far below the untrained encoder's means the encoder has collapsed towards a "
+            "constant code: a probe may still read it, but decoding barely depends on it.")
+  return md + f"\nCode spread (std across scans / RMS of the codes): {spread}. {note}\n"
 
 
 # Generative factors of the synthetic cohort (`cohort/ground_truth.csv`) whose linear read-out the report shows.
@@ -134,7 +143,7 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str, out: pathlib.Path
       results[name]["known_factors"] = probes.factor_recovery(
           data["train"]["codes"], tr, data["train"]["subject"], data["test"]["codes"], te, data["test"]["subject"],
           seed=int(config.seed))
-  table = probe_markdown(results)
+  table = probe_markdown(results, str(config.encoder.code_norm))
   atomic.write_bytes(out / "probes.md", table.encode("utf-8"))
   _write_json(out / "probes.json", results)
   print(table)
@@ -268,11 +277,14 @@ def run_report(config, workdir: str) -> pathlib.Path:
       sections[name] = fn()
     except (FileNotFoundError, ValueError, KeyError) as e:
       sections[name] = {"skipped": str(e)}
+  sections["checks"] = checks.run_checks(sections)
+  print(checks.markdown(sections["checks"]))
   sections["models"] = {"checkpoint_steps": models.steps, "scale_factor": models.scale}
   sections["device"] = str(jax.devices()[0])
   _write_json(out / "report.json", sections)
   md = ["# LDAE evaluation report", f"config `{config.name}`, workdir `{workdir}`, {sections['device']}", "",
-        "## Linear probes (codes of the EMA encoder vs an untrained encoder)", probe_markdown(probe_res)]
+        "## Linear probes (codes of the EMA encoder vs an untrained encoder)",
+        probe_markdown(probe_res, str(config.encoder.code_norm))]
   if "loss" in sections.get("code_use", {}):
     from ldae_jax.evaluation import code_use
     md += ["## Does decoding use the code? (test split)", code_use.markdown(sections["code_use"])]
@@ -310,6 +322,8 @@ def run_report(config, workdir: str) -> pathlib.Path:
   for name in ("code_use", "recon", "interp", "manip"):
     if "skipped" in sections.get(name, {}):
       md.append(f"- {name} skipped: {sections[name]['skipped']}")
+  md[3:3] = ["## Does the run show the method? (each figure beside its baseline)", checks.markdown(sections["checks"]),
+             ""]
   atomic.write_bytes(out / "report.md", ("\n".join(md) + "\n").encode("utf-8"))
   print(f"wrote {out / 'report.md'}")
   return out / "report.md"
