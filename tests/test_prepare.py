@@ -168,7 +168,7 @@ def test_qc_flags_absolute_and_dataset_outliers():
   flags = qc.flag_outliers(scans)
   assert set(flags) == {"big", "failed"}
   assert "brain_ml 2e+03 outside the dataset's median" in flags["big"]
-  assert flags["failed"].startswith("ncc 0.2 < 0.5")
+  assert flags["failed"].startswith("ncc 0.2 < 0.45")
   few = {k: scans[k] for k in ("s0", "s1", "big")}  # too few scans for a median: absolute bounds only
   assert qc.flag_outliers(few) == {}
   assert set(qc.flag_outliers(scans, qc.Bounds(mad_k=0))) == {"failed"}

@@ -156,7 +156,7 @@ def prepare_scan(source: str | os.PathLike, outputs: ScanOutputs, settings: Sett
   _save_mask(outputs.mask, mask_on_grid, grid_affine)
   _save_mask(outputs.mask_native, mask, affine)
   atomic.write_bytes(outputs.transform, transform_bytes)
-  title = f"{scan_id or pathlib.Path(source).name}: " + ", ".join(f"{k} {v:.3g}" for k, v in measures.items())
+  title = f"{scan_id or pathlib.Path(source).name}: " + ", ".join(f"{k} {v:.4g}" for k, v in measures.items())
   # The figure shows the registered head, not the stripped volume: what the mask left out is what to check.
   qc.save_figure(outputs.figure, nifti.normalize_intensity(on_grid), mask_on_grid, title)
   saved = dict(source=source, settings=settings.as_dict(), seconds=round(time.time() - t0, 2), **measures)

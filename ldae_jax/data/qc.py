@@ -2,9 +2,10 @@
 
 Measures (one row of `qc.csv` per scan):
 
-* `ncc`: normalised cross-correlation of the registered scan with the template inside the template's brain
-  mask. A T1 registered to the T1 template correlates strongly (Colin27: ~0.9); a failed registration far
-  less, and a scan of another contrast (T2, FLAIR: dark white matter) negatively, which is an error.
+* `ncc`: normalised cross-correlation of the registered (bias-corrected, unmasked) scan with the template,
+  inside the template's brain mask. Measured on Colin27: 0.67 registered; the same scan moved 6 mm off
+  0.52, 10 mm 0.40, turned 10 degrees 0.52, scaled by 0.85 0.25; with its contrast inverted (as a T2 or
+  FLAIR, dark white matter) -0.65, which is an error rather than a flag.
 * `brain_ml`: the brain mask's volume in the scan's own space (millilitres).
 * `mask_fraction`: the brain mask's volume over the registered template mask's (the prior): how far the
   intensity refinement moved the mask; near 1 when it only adjusted the boundary.
@@ -32,7 +33,7 @@ MEASURES = ("ncc", "brain_ml", "mask_fraction", "affine_scale")
 # Wide enough for any adult head that registered (brain masks here hold the ventricles and some sulcal CSF),
 # narrow enough to catch a mask that took the skull or lost a lobe.
 ABSOLUTE_BOUNDS = {
-    "ncc": (0.5, 1.0),
+    "ncc": (0.45, 1.0),  # below: misregistered by ~8 mm or more (see above)
     "brain_ml": (800.0, 2400.0),
     "mask_fraction": (0.8, 1.2),
     "affine_scale": (0.75, 1.35),
