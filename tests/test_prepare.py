@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import gzip
+import importlib.util
 import json
+import sys
 import pathlib
 import shutil
 import subprocess
@@ -27,12 +29,13 @@ from ldae_jax.data import manifest as manifest_lib
 from ldae_jax.data import nifti
 from ldae_jax.data import qc
 
-ants = pytest.importorskip("ants", reason="antspyx is not installed (pip install antspyx): the preparation "
-                                          "needs it for N4 and registration")
+from ldae_jax.data import prepare
+from ldae_jax.data import prepare_scan
+from ldae_jax.data import registration
 
-from ldae_jax.data import prepare  # pylint: disable=wrong-import-position
-from ldae_jax.data import prepare_scan  # pylint: disable=wrong-import-position
-from ldae_jax.data import registration  # pylint: disable=wrong-import-position
+needs_ants = pytest.mark.skipif(importlib.util.find_spec("ants") is None,
+                                reason="antspyx is not installed (pip install antspyx): the preparation needs it "
+                                       "for N4 and registration")
 
 MRICRON_TEMPLATES = "usr/share/mricron/templates"
 
@@ -98,6 +101,7 @@ def ch2_las_prepared(colin27, tmp_path_factory):
   return _prepare(copy, work / "out", "sub-colinlas_ses-M000")
 
 
+@needs_ants
 def test_brain_mask_matches_the_hand_stripped_brain(colin27, ch2_prepared):
   outputs, measures = ch2_prepared
   mask, mask_affine = nifti.read_checked(outputs.mask_native)
@@ -126,6 +130,7 @@ def test_brain_mask_matches_the_hand_stripped_brain(colin27, ch2_prepared):
   assert saved["settings"] == prepare_scan.Settings().as_dict()
 
 
+@needs_ants
 def test_reoriented_resampled_cropped_copy_gives_the_same_mask(ch2_prepared, ch2_las_prepared):
   (a, _), (b, measures) = ch2_prepared, ch2_las_prepared
   mask_a = nifti.load_volume(a.mask) > 0.5
@@ -182,6 +187,8 @@ def test_qc_flags_absolute_and_dataset_outliers():
 def identity_registration(monkeypatch):
   """The registration as the identity and no N4: the 'scans' below are the MNI template itself."""
 
+  import ants  # pylint: disable=import-outside-toplevel
+
   def register_affine(moving, workdir):
     path = str(pathlib.Path(workdir) / "identity.mat")
     ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3), path)
@@ -231,6 +238,7 @@ def _bids(root: pathlib.Path) -> pathlib.Path:
   return root
 
 
+@needs_ants
 def test_bids_dataset_to_manifest_with_per_scan_errors_and_resume(tmp_path, identity_registration, capsys):
   root = _bids(tmp_path / "bids")
   out = tmp_path / "prepared"
@@ -283,6 +291,7 @@ def test_bids_dataset_to_manifest_with_per_scan_errors_and_resume(tmp_path, iden
   assert set(result.prepared) == {r.scan_id for r in records}
 
 
+@needs_ants
 def test_flagged_scans_are_marked_in_the_manifest_and_skipped_by_the_loader(tmp_path, identity_registration):
   root = tmp_path / "bids"
   root.mkdir()
@@ -298,6 +307,7 @@ def test_flagged_scans_are_marked_in_the_manifest_and_skipped_by_the_loader(tmp_
     manifest_lib.read_manifest(tmp_path / "out" / "manifest.csv")
 
 
+@needs_ants
 def test_csv_input_and_errors_from_worker_processes(tmp_path):
   """A CSV of raw scans, two processes, every scan broken: each error names its file; no manifest."""
   (tmp_path / "trunc.nii.gz").write_bytes(gzip.compress(b"\x5c\x01" + b"\0" * 100)[:40])
@@ -319,3 +329,13 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "participants.tsv: not found" in err and "Traceback" not in err
+
+
+def test_missing_antspyx_is_one_error_naming_the_install(tmp_path, monkeypatch, capsys):
+  root = tmp_path / "bids"
+  (root / "sub-01" / "anat").mkdir(parents=True)
+  (root / "participants.tsv").write_text("participant_id\tdiagnosis\tage\nsub-01\tCN\t70\n")
+  nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), str(root / "sub-01/anat/sub-01_T1w.nii"))
+  monkeypatch.setitem(sys.modules, "ants", None)  # `import ants` now raises ImportError
+  assert prepare.main([str(root), "--out", str(tmp_path / "out")]) == 2
+  assert "pip install antspyx" in capsys.readouterr().err
