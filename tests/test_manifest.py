@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 
 import pytest
 
@@ -165,3 +166,29 @@ def test_check_scan_files_lists_every_bad_file_at_once(tmp_path):
   assert any("s4_ses-M000" in l and "nan.nii" in l and "NaN" in l for l in lines)
   assert "remove their rows" in msg
   M.check_scan_files(recs[:1])  # the good one alone passes
+
+
+def test_rows_that_failed_qc_are_skipped_and_logged(tmp_path, caplog):
+  csv = _cohort(tmp_path, [
+      "s1,s1/ses-M000/a.nii.gz,CN,70,,pass",
+      "s2,s2/ses-M000/a.nii.gz,AD,71,,flagged: ncc 0.31 < 0.5",
+      "s3,s3/ses-M000/a.nii.gz,MCI,72,,",  # empty = not checked: kept
+  ], header="subject,path,diagnosis,age,session,qc")
+  with caplog.at_level("WARNING", logger="ldae_jax.data.manifest"):
+    recs = M.read_manifest(csv)
+  assert [r.subject for r in recs] == ["s1", "s3"]
+  assert "s2 s2/ses-M000/a.nii.gz (line 3: flagged: ncc 0.31 < 0.5)" in caplog.text
+  (tmp_path / "all_flagged.csv").write_text("subject,path,diagnosis,age,qc\ns2,s2/ses-M000/a.nii.gz,AD,71,bad\n")
+  with pytest.raises(M.ManifestError, match="every row failed quality control"):
+    M.read_manifest(tmp_path / "all_flagged.csv")
+
+
+def test_write_manifest_qc_column_round_trip(tmp_path):
+  recs = [M.ScanRecord("s1", str(tmp_path / "a.nii"), "CN", 1, 70.0, 0, "s1_ses-M000"),
+          M.ScanRecord("s2", str(tmp_path / "b.nii"), "AD", 0, 71.0, 0, "s2_ses-M000")]
+  for r in recs:
+    pathlib.Path(r.path).touch()
+  out = M.write_manifest(recs, tmp_path / "m.csv", qc={"s2_ses-M000": "flagged: brain 400 ml"})
+  assert out.read_text().splitlines()[0] == "subject,path,diagnosis,age,session,qc"
+  assert [r.scan_id for r in M.read_manifest(out)] == ["s1_ses-M000"]
+  assert "qc" not in M.write_manifest(recs, tmp_path / "n.csv").read_text().splitlines()[0]

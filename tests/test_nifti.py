@@ -117,6 +117,18 @@ def test_save_load_round_trip_affine_and_determinism(tmp_path):
   np.testing.assert_allclose(nib.load(str(nifti.save_volume(tmp_path / "a.nii", vol, affine=aff))).affine, aff)
 
 
+def test_uint8_labels_and_read_checked_keep_file_voxel_order(tmp_path):
+  mask = (_asymmetric((6, 7, 8)) > 0.5).astype(np.uint8)
+  aff = _flip(np.diag([1.0, 1.2, 0.9, 1.0]), mask.shape, (0,))  # LAS, anisotropic
+  p = nifti.save_volume(tmp_path / "m.nii.gz", mask, affine=aff, dtype="uint8")
+  assert nib.load(str(p)).get_data_dtype() == np.uint8
+  data, affine = nifti.read_checked(p)
+  np.testing.assert_array_equal(data, mask)  # no reorientation, no scaling
+  np.testing.assert_allclose(affine, aff)
+  with pytest.raises(nifti.NiftiError, match="integer labels"):
+    nifti.save_volume(tmp_path / "f.nii", mask * 0.5, dtype="uint8")
+
+
 def test_axial_slice_convention(tmp_path):
   """volume[:, :, k] is the axial slice at height k, whatever the file's voxel order."""
   shape, sp = (8, 10, 12), 2.0

@@ -9,10 +9,13 @@ Columns (the reference's `BrainMRDataModule` schema, section 3.1 of the referenc
 | `diagnosis` | yes | one of `classes` (default AD / CN / MCI; matched case-insensitively) |
 | `age` | yes | years at the scan; an empty cell or NaN is allowed |
 | `session` | no | months since baseline (`12`, `M12`, `ses-M12`); else `ses-M<months>` in `path`; else 0 |
+| `qc` | no | `pass` (or empty) keeps the row; anything else (`python -m ldae_jax.data.prepare` writes `flagged: <why>`) skips it, with a log line naming it |
 
 The path pattern is the reference's regex. Extra columns are ignored. Labels are indices into `sorted(classes)` as in the reference (AD=0, CN=1, MCI=2).
 A scan is identified by `<subject>_ses-M<months, 3 digits>`; two rows with the same id or the same file are
 an error, because they would leak one scan into two splits or count it twice.
+A row that failed quality control is skipped rather than an error: the preparation found it, the log names
+it, and writing `pass` into its `qc` cell (after looking at its QC figure) brings it back.
 """
 
 from __future__ import annotations
@@ -20,23 +23,27 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import math
 import os
 import pathlib
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ldae_jax.data import atomic
 
 REQUIRED_COLUMNS = ("subject", "path", "diagnosis", "age")
-OPTIONAL_COLUMNS = ("session",)
+OPTIONAL_COLUMNS = ("session", "qc")
 WRITE_COLUMNS = ("subject", "path", "diagnosis", "age", "session")
 DEFAULT_CLASSES = ("AD", "CN", "MCI")
 SESSION_IN_PATH = re.compile(r"ses-M(\d+)")
 _SESSION_CELL = re.compile(r"^(?:ses-)?M?(\d+)$", re.IGNORECASE)
 _NAN_CELLS = {"", "nan", "na", "n/a", "none", "null"}
+QC_PASS = "pass"
+
+log = logging.getLogger(__name__)
 
 
 class ManifestError(ValueError):
@@ -59,6 +66,29 @@ def scan_id(subject: str, session_months: int) -> str:
   return f"{subject}_ses-M{int(session_months):03d}"
 
 
+def canonical_classes(classes: Sequence[str]) -> tuple[tuple[str, ...], dict[str, str]]:
+  """(sorted class names, lower-case spelling -> name): labels index the first; the second matches cells
+  case-insensitively."""
+  classes = tuple(sorted(str(c) for c in classes))
+  if len(set(c.lower() for c in classes)) != len(classes) or not classes:
+    raise ValueError(f"classes={classes} must be non-empty and distinct (config.data.classes).")
+  return classes, {c.lower(): c for c in classes}
+
+
+def parse_age(cell: str) -> float:
+  """Years from a table cell; NaN for an empty or n/a cell; ValueError (with the fix) otherwise."""
+  cell = (cell or "").strip()
+  if cell.lower() in _NAN_CELLS:
+    return math.nan
+  try:
+    age = float(cell)
+  except ValueError:
+    raise ValueError(f"age {cell!r} is not a number; write years (e.g. 71.5) or leave it empty.") from None
+  if not math.isnan(age) and not 0.0 <= age <= 130.0:
+    raise ValueError(f"age {age} is outside 0-130 years; fix the cell (years, not months?).")
+  return age
+
+
 def _resolve(cell: str, base: pathlib.Path) -> str:
   p = pathlib.Path(os.path.expanduser(cell))
   return str(p if p.is_absolute() else (base / p).resolve())
@@ -78,10 +108,10 @@ def read_manifest(csv_path: str | os.PathLike, *, classes: Sequence[str] = DEFAU
   if not csv_path.is_file():
     raise ManifestError(f"{csv_path}: manifest not found; set config.data.manifest to an existing CSV (or leave "
                         "it empty to generate the synthetic cohort).")
-  classes = tuple(sorted(str(c) for c in classes))
-  if len(set(c.lower() for c in classes)) != len(classes) or not classes:
-    raise ManifestError(f"{csv_path}: classes={classes} must be non-empty and distinct (config.data.classes).")
-  canon = {c.lower(): c for c in classes}
+  try:
+    classes, canon = canonical_classes(classes)
+  except ValueError as e:
+    raise ManifestError(f"{csv_path}: {e}") from None
   base = csv_path.resolve().parent
   with open(csv_path, newline="", encoding="utf-8-sig") as f:
     reader = csv.DictReader(f)
@@ -100,6 +130,7 @@ def read_manifest(csv_path: str | os.PathLike, *, classes: Sequence[str] = DEFAU
     raise ManifestError(f"{csv_path}: the manifest has a header but no scans; add one row per scan.")
 
   records: list[ScanRecord] = []
+  flagged: list[str] = []
   seen_ids: dict[str, int] = {}
   seen_paths: dict[str, int] = {}
   for i, row in enumerate(rows):
@@ -109,6 +140,10 @@ def read_manifest(csv_path: str | os.PathLike, *, classes: Sequence[str] = DEFAU
     subject = cell.get("subject", "")
     if not subject:
       raise ManifestError(f"{where}: empty 'subject'; give every scan its subject id.")
+    qc = cell.get("qc", "")
+    if qc and qc.lower() != QC_PASS:
+      flagged.append(f"{subject} {cell.get('path', '')} (line {line}: {qc})")
+      continue
     dx = cell.get("diagnosis", "")
     if dx.lower() not in canon:
       if unknown_diagnosis == "drop":
@@ -124,17 +159,10 @@ def read_manifest(csv_path: str | os.PathLike, *, classes: Sequence[str] = DEFAU
     if check_files and not os.path.isfile(path):
       raise ManifestError(f"{where}: file not found: {path}. Fix the path (relative paths resolve against "
                           f"{base}) or remove the row.")
-    age_cell = cell.get("age", "")
-    if age_cell.lower() in _NAN_CELLS:
-      age = math.nan
-    else:
-      try:
-        age = float(age_cell)
-      except ValueError:
-        raise ManifestError(f"{where}: age {age_cell!r} is not a number; write years (e.g. 71.5) or leave it "
-                            "empty.") from None
-      if not math.isnan(age) and not 0.0 <= age <= 130.0:
-        raise ManifestError(f"{where}: age {age} is outside 0-130 years; fix the cell (years, not months?).")
+    try:
+      age = parse_age(cell.get("age", ""))
+    except ValueError as e:
+      raise ManifestError(f"{where}: {e}") from None
     from_path = SESSION_IN_PATH.search(raw_path)
     session_cell = cell.get("session", "")
     if session_cell:
@@ -162,6 +190,12 @@ def read_manifest(csv_path: str | os.PathLike, *, classes: Sequence[str] = DEFAU
     seen_paths[path] = line
     records.append(ScanRecord(subject=subject, path=path, diagnosis=dx, label=classes.index(dx), age=age,
                               session_months=months, scan_id=sid))
+  if flagged:
+    log.warning("%s: skipped %d scan(s) that failed quality control (write 'pass' in their qc cell to keep "
+                "them): %s", csv_path, len(flagged), "; ".join(flagged))
+  if not records and flagged:
+    raise ManifestError(f"{csv_path}: every row failed quality control (its 'qc' column); look at the QC "
+                        "figures and write 'pass' into the cells of the scans to keep.")
   if not records:
     raise ManifestError(f"{csv_path}: no row has a diagnosis in {list(classes)}; check config.data.classes.")
   return records
@@ -198,16 +232,23 @@ def _relative(p: str, base: pathlib.Path) -> str:
     return p
 
 
-def write_manifest(records: Iterable[ScanRecord], csv_path: str | os.PathLike) -> pathlib.Path:
-  """Writes records as a manifest CSV (temp file + rename); `read_manifest` gives them back."""
+def write_manifest(records: Iterable[ScanRecord], csv_path: str | os.PathLike,
+                   qc: Mapping[str, str] | None = None) -> pathlib.Path:
+  """Writes records as a manifest CSV (temp file + rename); `read_manifest` gives them back.
+
+  `qc` (scan_id -> verdict) adds the `qc` column: `pass` for a scan missing from it.
+  """
   csv_path = pathlib.Path(csv_path)
   base = csv_path.parent.resolve()
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
-  w.writerow(WRITE_COLUMNS)
+  w.writerow(WRITE_COLUMNS + (("qc",) if qc is not None else ()))
   for r in records:
     age = "" if r.age is None or math.isnan(r.age) else f"{r.age:.2f}"
-    w.writerow([r.subject, _relative(r.path, base), r.diagnosis, age, int(r.session_months)])
+    row = [r.subject, _relative(r.path, base), r.diagnosis, age, int(r.session_months)]
+    if qc is not None:
+      row.append(qc.get(r.scan_id) or QC_PASS)
+    w.writerow(row)
   return atomic.write_bytes(csv_path, buf.getvalue().encode("utf-8"))
 
 

@@ -206,6 +206,12 @@ def _read(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   return data, affine
 
 
+def read_checked(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """The raw float32 `(X, Y, Z)` data (file voxel order) and affine of a NIfTI, after `check_file`'s checks;
+  a NiftiError names the file and the fix. For steps that need the scan before any resampling."""
+  return _read(pathlib.Path(path))
+
+
 def check_file(path: str | os.PathLike) -> str | None:
   """None if `path` reads as one finite 3D volume with a usable affine, else the problem (and its fix).
 
@@ -233,6 +239,7 @@ def save_volume(path: str | os.PathLike, volume: np.ndarray, *, spacing_mm: floa
 
   `affine=None` uses `volume_affine(shape, spacing_mm)`. `dtype="int16"` stores a [0, max] volume as int16
   with `scl_slope = max / 32767` (the usual T1 storage, 2x smaller); reading it back gives the quantised values.
+  `dtype="uint8"` stores integer labels (a brain mask) unscaled.
   `.nii.gz` is compressed here with gzip mtime 0 and no file name in the header, so the same volume always
   gives the same bytes; the file appears under its name only when complete (temp file + rename).
   """
@@ -259,8 +266,13 @@ def save_volume(path: str | os.PathLike, volume: np.ndarray, *, spacing_mm: floa
     img = nib.Nifti1Image(np.rint(vol / slope).astype(np.int16), aff)
     img.header.set_data_dtype(np.int16)
     img.header.set_slope_inter(slope, 0.0)
+  elif dtype == "uint8":  # label images (brain masks): stored as they are, no scaling
+    if vol.min() < 0 or vol.max() > 255 or not np.all(np.equal(np.mod(vol, 1), 0)):
+      raise NiftiError(f"{path}: uint8 storage is for integer labels in 0..255; use dtype='float32'.")
+    img = nib.Nifti1Image(vol.astype(np.uint8), aff)
+    img.header.set_data_dtype(np.uint8)
   else:
-    raise NiftiError(f"{path}: dtype={dtype!r}; use 'float32' or 'int16'.")
+    raise NiftiError(f"{path}: dtype={dtype!r}; use 'float32', 'int16' or 'uint8'.")
   img.set_qform(aff, code=2)
   img.set_sform(aff, code=2)
   img.header.set_xyzt_units("mm", "sec")
