@@ -31,8 +31,9 @@ from flax import nnx
 from ldae_jax.training import common
 from ldae_jax.training import state as st
 from ldae_jax.training import volumes
+from ldae_jax.workdir import AUTOENCODER, Workdir
 
-NAME = "autoencoder"
+NAME = AUTOENCODER
 
 
 def kl_loss(mu: jax.Array, sigma: jax.Array) -> jax.Array:
@@ -160,9 +161,8 @@ def trained_autoencoder(config: ml_collections.ConfigDict, workdir: str | os.Pat
 
   Raises FileNotFoundError naming the path and the fix when stage 1 has not been run in `workdir`.
   """
-  import pathlib  # pylint: disable=g-import-not-at-top
   from ldae_jax.training.checkpoint import restore_newest  # pylint: disable=g-import-not-at-top
-  ckdir = pathlib.Path(workdir) / NAME / "checkpoints"
+  ckdir = Workdir(workdir).checkpoints(NAME)
   cfg = config.train.autoencoder
   ae, disc = build_networks(config)
   g_def, gp, g_rngs, g_rest = st.split_model(ae)
