@@ -90,11 +90,24 @@ def test_ldm_resume_reproduces_uninterrupted_run(tmp_path):
   assert kept == [3, 4]  # keep_checkpoints = 2
   assert wd.events(LDM).is_dir() and any(wd.events(LDM).iterdir())
   assert wd.metrics(LDM).is_file()
-  # The EMA UNet that stage 3 loads is the one stage 2 saved, and it moved away from the raw parameters.
-  ema, step = ldm_stage.ema_unet_params(c, cut)
-  assert step == 4
-  assert jax.tree.structure(ema) == jax.tree.structure(st.split_model(
-      __import__("ldae_jax.models", fromlist=["build_unet"]).build_unet(c, __import__("flax").nnx.Rngs(0)))[1])
+  # The UNet that stage 3 freezes is the EMA stage 2 saved, which moved away from the raw parameters.
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from ldae_jax.models import build_shift_unet  # pylint: disable=import-outside-toplevel
+  from ldae_jax.training.checkpoint import STATE_ITEM, flatten_paths  # pylint: disable=import-outside-toplevel
+  shift = build_shift_unet(c, nnx.Rngs(0))
+  assert representation_stage.load_frozen_unet(shift, c, cut) == 4
+  unet = jax.device_get(nnx.to_pure_dict(nnx.state(shift.unet, nnx.Param)))
+  loaded = flatten_paths(unet)
+  target = {"ema": unet, "params": unet}  # both saved copies of the UNet, read as numpy
+  saved = ocp.PyTreeCheckpointHandler().restore(wd.checkpoints(LDM) / "4" / STATE_ITEM, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+      partial_restore=True))
+  ema, raw = flatten_paths(saved["ema"]), flatten_paths(saved["params"])
+  assert loaded.keys() == ema.keys()
+  for k in loaded:
+    np.testing.assert_array_equal(loaded[k], ema[k])
+  assert any(not np.array_equal(ema[k], raw[k]) for k in ema)
 
 
 def test_representation_refuses_without_stage2_weights(tmp_path):

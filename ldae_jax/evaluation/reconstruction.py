@@ -64,27 +64,23 @@ def load_ldae(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
   """EMA AE, ShiftUNet (with its frozen stage-2 UNet) and encoder from `workdir` checkpoints."""
   from ldae_jax.models import build_encoder, build_shift_unet
   from ldae_jax.training import autoencoder_stage, representation_stage as rs, state as st
-  from ldae_jax.training.checkpoint import restore_newest
+  from ldae_jax.training.checkpoint import restore_ema_weights
+  wd = Workdir(workdir)
   ae, ae_step = autoencoder_stage.trained_autoencoder(config, workdir)
-  ckdir = Workdir(workdir).checkpoints(REPRESENTATION)
-  shift = build_shift_unet(config, nnx.Rngs(0))
-  enc = build_encoder(config, nnx.Rngs(0))
-  s_def, sp, s_rngs, s_rest = st.split_model(shift, rs.SHIFT_TRAINABLE)
-  e_def, ep, e_rngs, e_rest = st.split_model(enc)
-  target = st.create_state({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest},
-                           rs.make_optimizer(config.train.representation), seed=0,
-                           with_ema=config.train.representation.ema_decay > 0)
-  restored, step = restore_newest(
-      ckdir, target, what="representation weights",
+  s_def, sp, s_rngs, s_rest = st.abstract_model(lambda: build_shift_unet(config, nnx.Rngs(0)), rs.SHIFT_TRAINABLE)
+  e_def, ep, e_rngs, e_rest = st.abstract_model(lambda: build_encoder(config, nnx.Rngs(0)))
+  # The shift branch's `rest` holds the frozen stage-2 UNet and the encoder's the code-norm statistics.
+  w = restore_ema_weights(
+      wd.checkpoints(REPRESENTATION), {"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest},
+      what="representation weights",
       missing_fix=f"run the representation stage first (--config.stage=representation --workdir {workdir})",
       mismatch_fix="use the config (config.unet / config.encoder) it was trained with")
-  w = restored.ema if restored.ema is not None else restored.params
-  shift = st.merge_model(s_def, w["shift"], s_rngs, restored.rest["shift"])
-  enc = st.merge_model(e_def, w["encoder"], e_rngs, restored.rest["encoder"])
-  sdir = Workdir(workdir).shards("train")
+  shift = st.merge_model(s_def, w.params["shift"], s_rngs, w.rest["shift"])
+  enc = st.merge_model(e_def, w.params["encoder"], e_rngs, w.rest["encoder"])
+  sdir = wd.shards("train")
   scale = latents.scale_factor(config, shards.read_metadata(sdir), str(sdir))
   return LDAEModels(*nnx.split(ae), *nnx.split(shift), *nnx.split(enc), scale,
-                    {AUTOENCODER: ae_step, REPRESENTATION: step}, clamp=bool(config.diffusion.clamp_x0),
+                    {AUTOENCODER: ae_step, REPRESENTATION: w.step}, clamp=bool(config.diffusion.clamp_x0),
                     clamp_range=resolve_clamp_range(config, workdir, scale))
 
 

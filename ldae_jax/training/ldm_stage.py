@@ -125,33 +125,3 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mesh=N
     print(f"[{NAME}] {plateau_note(loop.read_metrics(Workdir(workdir).stage_dir(NAME)))}", flush=True)
   return summary
 
-
-def ema_unet_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tuple[Any, int]:
-  """The stage-2 EMA UNet parameters (pure dict) from the newest `DIR/ldm` checkpoint, and its step.
-
-  Raises FileNotFoundError naming the path and the fix when there is none, ValueError when the checkpoint
-  was written for different UNet sizes. (Stage 3 must never train on a random UNet; docs/fidelity.md, "Reference bugs".)
-  """
-  from ldae_jax.models import build_unet  # pylint: disable=g-import-not-at-top
-  from ldae_jax.training.checkpoint import restore_newest  # pylint: disable=g-import-not-at-top
-  ckdir = Workdir(workdir).checkpoints(NAME)
-  cfg = config.train.ldm
-  abstract_unet = nnx.eval_shape(lambda: build_unet(config, nnx.Rngs(0)))
-  _, params, _, rest = st.split_model(abstract_unet)
-  tx = st.make_optimizer(cfg)
-  to_sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-  target = st.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32), params=to_sds(params),
-      opt_state=jax.eval_shape(tx.init, to_sds(params)),
-      ema=to_sds(params) if cfg.ema_decay > 0 else None, rest=to_sds(rest),
-      key=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-                        target)
-  restored, step = restore_newest(
-      ckdir, target, what="stage-2 UNet weights",
-      missing_fix=(f"train stage 2 first (python train.py --config ... --workdir {workdir} --config.stage=ldm) or "
-                   "point --workdir at a run that has it"),
-      mismatch_fix="use the config (config.unet / config.autoencoder) stage 2 was trained with, or retrain stage 2")
-  weights = restored.ema if restored.ema is not None else restored.params
-  return weights, step

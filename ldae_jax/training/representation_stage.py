@@ -23,10 +23,10 @@ from flax import nnx
 from ldae_jax.data import latents, shards
 from ldae_jax.diffusion import code_use, losses
 from ldae_jax.diffusion.schedule import make_schedule
+from ldae_jax.training import checkpoint
 from ldae_jax.training import common
-from ldae_jax.training import ldm_stage
 from ldae_jax.training import state as st
-from ldae_jax.workdir import REPRESENTATION, Workdir
+from ldae_jax.workdir import LDM, REPRESENTATION, Workdir
 
 NAME = REPRESENTATION
 HELDOUT_SCANS = 16  # validation scans the code-use gap is measured on at every log step
@@ -36,16 +36,15 @@ SHIFT_TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("unet")))
 
 def load_frozen_unet(shift_unet: nnx.Module, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> int:
   """Copies the stage-2 EMA UNet into `shift_unet.unet`; returns the stage-2 step. Errors name path and fix."""
-  weights, step = ldm_stage.ema_unet_params(config, workdir)
   current = nnx.state(shift_unet.unet, nnx.Param)
-  want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), nnx.to_pure_dict(current))
-  got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), weights)
-  if want != got:
-    raise ValueError(f"stage-2 EMA UNet in {workdir}/ldm/checkpoints does not match the ShiftUNet's UNet built "
-                     "from config.unet; use the config stage 2 was trained with, or retrain stage 2.")
-  nnx.replace_by_pure_dict(current, weights)
+  w = checkpoint.restore_ema_weights(
+      Workdir(workdir).checkpoints(LDM), nnx.to_pure_dict(current), what="stage-2 UNet weights",
+      missing_fix=(f"train stage 2 first (python train.py --config ... --workdir {workdir} --config.stage=ldm) or "
+                   "point --workdir at a run that has it"),
+      mismatch_fix="use the config (config.unet / config.autoencoder) stage 2 was trained with, or retrain stage 2")
+  nnx.replace_by_pure_dict(current, w.params)
   nnx.update(shift_unet.unet, current)
-  return step
+  return w.step
 
 
 def init_backbone(encoder: nnx.Module, path: str) -> None:
