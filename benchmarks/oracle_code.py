@@ -28,11 +28,12 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from ldae_jax.config import load_config  # noqa: E402
-from ldae_jax.data import shards  # noqa: E402
+from ldae_jax.data import latents, shards  # noqa: E402
 from ldae_jax.diffusion import code_use, losses  # noqa: E402
 from ldae_jax.diffusion.schedule import make_schedule  # noqa: E402
 from ldae_jax.models import build_shift_unet  # noqa: E402
-from ldae_jax.training import ldm_stage, representation_stage as rs, state as st  # noqa: E402
+from ldae_jax.training import representation_stage as rs, state as st  # noqa: E402
+from ldae_jax.workdir import Workdir  # noqa: E402
 
 
 def oracle_projection(train_mu: np.ndarray, dim: int, scale: float, seed: int = 0):
@@ -45,10 +46,10 @@ def oracle_projection(train_mu: np.ndarray, dim: int, scale: float, seed: int = 
 
 def run(config, workdir: str, steps: int, seed: int = 0, n_test: int = 64) -> dict:
   cfg = config.train.representation
-  sdir = ldm_stage.shard_dir(workdir)
-  scale = ldm_stage.scale_factor(config, shards.read_metadata(sdir), str(sdir))
+  sdir = Workdir(workdir).shards("train")
+  scale = latents.scale_factor(config, shards.read_metadata(sdir), str(sdir))
   train = shards.read_all(sdir, ("mu",))["mu"].astype(np.float32)
-  test = shards.read_all(ldm_stage.shard_dir(workdir, "test"), ("mu", "subject"))
+  test = shards.read_all(Workdir(workdir).shards("test"), ("mu", "subject"))
   proj, mean, std = oracle_projection(train, int(config.encoder.emb_dim), scale, seed)
   code_of = lambda mu: ((mu.reshape(mu.shape[0], -1) * scale) @ proj - mean) / std
 

@@ -29,11 +29,12 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from ldae_jax.config import load_config  # noqa: E402
-from ldae_jax.data import shards  # noqa: E402
+from ldae_jax.data import latents, shards  # noqa: E402
 from ldae_jax.diffusion import code_use as cu, ddim as ddim_lib, schedule as schedule_lib  # noqa: E402
 from ldae_jax.evaluation import reconstruction as rec  # noqa: E402
 from ldae_jax.models import build_unet  # noqa: E402
-from ldae_jax.training import ldm_stage, state as st  # noqa: E402
+from ldae_jax.training import checkpoint, state as st  # noqa: E402
+from ldae_jax.workdir import LDM, REPRESENTATION, Workdir  # noqa: E402
 
 
 def _per_scan_mse(a, b):
@@ -49,8 +50,8 @@ def _clamp_kwargs(spec: str, data_range: float) -> dict:
 
 def run(config, workdir: str, steps_list, clamps, n: int, seed: int = 0) -> dict:
   sched = schedule_lib.make_schedule(config.diffusion)
-  sdir = ldm_stage.shard_dir(workdir)
-  scale = ldm_stage.scale_factor(config, shards.read_metadata(sdir), str(sdir))
+  sdir = Workdir(workdir).shards("train")
+  scale = latents.scale_factor(config, shards.read_metadata(sdir), str(sdir))
   train_mu = shards.read_all(sdir, ("mu",))["mu"].astype(np.float32) * scale
   data = rec.read_split(workdir, "test", n, fields=("mu", "image"))
   z0 = data["mu"].astype(np.float32) * scale
@@ -62,14 +63,13 @@ def run(config, workdir: str, steps_list, clamps, n: int, seed: int = 0) -> dict
         f"sample: {2 * base['cohort_mean_mse']:.4f}); data range |z| <= {data_range:.3f}", flush=True)
   noise = np.asarray(jax.random.normal(jax.random.key(seed + 1), z0.shape, jnp.float32))
 
-  weights, _ = ldm_stage.ema_unet_params(config, workdir)
-  unet = build_unet(config, nnx.Rngs(0))
-  u_def, u_params, u_rngs, u_rest = st.split_model(unet)
-  unet = st.merge_model(u_def, weights, u_rngs, u_rest)
-  u_graph, u_state = nnx.split(unet)
+  u_def, u_params, u_rngs, u_rest = st.abstract_model(lambda: build_unet(config, nnx.Rngs(0)))
+  w = checkpoint.restore_ema_weights(Workdir(workdir).checkpoints(LDM), u_params, what="stage-2 UNet weights",
+                                     missing_fix="train stage 2 first", mismatch_fix="use the run's config")
+  u_graph, u_state = nnx.split(st.merge_model(u_def, w.params, u_rngs, u_rest))
 
   models = None
-  if (pathlib.Path(workdir) / "representation" / "checkpoints").is_dir():
+  if Workdir(workdir).checkpoints(REPRESENTATION).is_dir():
     models = rec.load_ldae(config, workdir)
     y = rec.semantic_codes(models.enc_def, models.enc_state, data["image"], int(config.eval.batch_size),
                            desc="codes")

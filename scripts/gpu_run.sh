@@ -62,18 +62,19 @@ timed evaluate python3 evaluate.py --config "$SPEC" --workdir "$WORK" --mode rep
 
 python3 - "$WORK" "$DEST" <<'EOF'
 import json, pathlib, sys, tarfile
+from ldae_jax import workdir as layout
 work, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+wd = layout.Workdir(work)
 walls = dict(line.split("\t") for line in (work / "stage_times.tsv").read_text().splitlines())
 out = {"script_wall_seconds": {k: float(v) for k, v in walls.items()}, "stages": {}}
-for stage in ("autoencoder", "latents", "ldm", "representation"):
-  s = json.loads((work / stage / "summary.json").read_text())
+for stage in layout.STAGES:
+  s = json.loads(wd.summary(stage).read_text())
   out["stages"][stage] = {k: s.get(k) for k in ("steps", "wall_seconds", "compile_seconds", "samples_per_s",
                                                  "final_loss", "heldout", "scale_factor")}
 (dest / "timings.json").write_text(json.dumps(out, indent=1))
-files = [p for p in [work / "config.json", work / "splits.json", work / "cohort" / "cohort.json"] if p.is_file()]
-files += [work / st / n for st in ("autoencoder", "latents", "ldm", "representation")
-          for n in ("summary.json", "metrics.jsonl") if (work / st / n).is_file()]
-rep = work / "report"
+files = [p for p in [wd.config_json, wd.splits_json, wd.cohort_json] if p.is_file()]
+files += [p for st in layout.STAGES for p in (wd.summary(st), wd.metrics(st)) if p.is_file()]
+rep = wd.report
 files += [rep / n for n in ("report.md", "report.json", "code_use.json", "probes.json") if (rep / n).is_file()]
 files += sorted(rep.glob("*.png"))
 with tarfile.open(dest / "outputs.tar.gz", "w:gz") as tar:

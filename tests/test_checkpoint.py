@@ -1,6 +1,7 @@
 """Checkpoints: a TrainState written on 8 simulated devices (FSDP-sharded) restores on 1 device, with the
 grain iterator position; keep-last-N. Each device count runs in its own subprocess (XLA_FLAGS is read at
-backend start)."""
+backend start). A later stage's read of the EMA weights alone (`restore_ema_weights`): exactly the newest EMA,
+the parameters without one, and errors that name the path and the fix."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -67,3 +71,80 @@ def test_data_state_roundtrip_bytes_and_dict():
   from ldae_jax.training.checkpoint import _decode_data_state, _encode_data_state
   for s in (None, b"\x00\x01grain", {"next_index": 5, "nested": [1, 2]}):
     assert _decode_data_state(_encode_data_state(s)) == s
+
+
+# ---------------------------------------------------------------------------------------- restore_ema_weights
+def _save_state(directory, *, with_ema: bool, steps=(1, 2)):
+  """A two-network TrainState (params 'g' and 'd', a 'g' statistic) saved at `steps`; the EMA is params + 10 *
+  step, so parameters, EMA and steps all differ. Returns the last state saved."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from ldae_jax.config import default_config  # pylint: disable=import-outside-toplevel
+  from ldae_jax.training import state as st  # pylint: disable=import-outside-toplevel
+  from ldae_jax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  params = {"g": {"blocks": {0: {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}},
+                  "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
+            "d": {"w": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}}
+  rest = {"g": {"stat": jnp.full((4,), 7.0)}, "d": {"bn": jnp.ones((5,))}}
+  tx = st.make_optimizer(default_config().train.ldm)
+  state = st.create_state(params, rest, {"g": tx, "d": tx}, seed=0, with_ema=with_ema)
+  ck = Checkpointer(directory)
+  for s in steps:
+    state = state.replace(step=jnp.int32(s))
+    if with_ema:
+      state = state.replace(ema=jax.tree.map(lambda p: p + 10.0 * s, params))
+    ck.save(s, state)
+  ck.close()
+  return state
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def _restore(directory, params, rest=None, **kw):
+  from ldae_jax.training.checkpoint import restore_ema_weights  # pylint: disable=import-outside-toplevel
+  return restore_ema_weights(directory, params, rest, what="test weights", missing_fix="train it first",
+                             mismatch_fix="use the config it was trained with", **kw)
+
+
+def test_restore_ema_weights_reads_exactly_the_newest_ema(tmp_path):
+  saved = _save_state(tmp_path / "ck", with_ema=True)
+  w = _restore(tmp_path / "ck", {"g": _abstract(saved.params["g"])}, {"g": _abstract(saved.rest["g"])})
+  assert w.step == 2 and w.from_ema
+  assert jax.tree.structure(w.params) == jax.tree.structure({"g": saved.ema["g"]})  # no discriminator
+  for got, want in zip(jax.tree.leaves(w.params), jax.tree.leaves({"g": saved.ema["g"]})):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(w.rest["g"]["stat"]), np.full((4,), 7.0, np.float32))
+  leaf = w.params["g"]["blocks"][0]["w"]
+  # Placed as a freshly built model's arrays are: on the default device, free to move into any sharding.
+  assert isinstance(leaf, jax.Array) and not leaf.committed
+
+
+def test_restore_ema_weights_without_ema_reads_the_parameters(tmp_path):
+  saved = _save_state(tmp_path / "ck", with_ema=False)
+  w = _restore(tmp_path / "ck", _abstract(saved.params))
+  assert not w.from_ema and w.rest == {}
+  np.testing.assert_array_equal(np.asarray(w.params["d"]["w"]), np.asarray(saved.params["d"]["w"]))
+
+
+def test_restore_ema_weights_into_a_given_sharding(tmp_path):
+  saved = _save_state(tmp_path / "ck", with_ema=True)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[-1])
+  w = _restore(tmp_path / "ck", {"d": _abstract(saved.params["d"])}, sharding=sharding)
+  assert w.params["d"]["w"].sharding == sharding
+  np.testing.assert_array_equal(np.asarray(w.params["d"]["w"]), np.asarray(saved.ema["d"]["w"]))
+
+
+def test_restore_ema_weights_errors_name_path_and_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"test weights not found: .*nowhere has no checkpoint; train it first\."):
+    _restore(tmp_path / "nowhere", {})
+  saved = _save_state(tmp_path / "ck", with_ema=True)
+  wrong = _abstract(saved.params)
+  wrong["g"]["blocks"][0]["w"] = jax.ShapeDtypeStruct((3, 5), np.float32)
+  with pytest.raises(ValueError, match=r"test weights in .*ck does not match this run's config \(checkpoint 2: "
+                                       r"ema/g/blocks/0/w: checkpoint \(3, 4\), model \(3, 5\)\); use the config"):
+    _restore(tmp_path / "ck", wrong)
+  # An array the checkpoint lacks is an error too (a partial restore would hand back the target unread).
+  with pytest.raises(ValueError, match=r"ema/g/extra not in the checkpoint"):
+    _restore(tmp_path / "ck", {"g": {"extra": jax.ShapeDtypeStruct((2,), np.float32)}})

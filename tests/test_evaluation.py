@@ -183,3 +183,58 @@ def test_known_factors_come_from_named_manifest_columns(tmp_path):
   c.eval.known_factors = ("icv_ml", "gm_ml")
   with pytest.raises(ValueError, match=r"no column \['gm_ml'\]"):
     report._ground_truth(c, tmp_path)
+
+
+def test_load_ldae_restores_the_ema_weights_of_stages_1_and_3(tmp_path):
+  """The evaluation's networks carry the EMA weights the checkpoints hold, never the raw parameters, and stage 3's
+  `rest` (its frozen UNet, the encoder's statistics) as saved."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from test_training import tiny_config, write_shards  # pylint: disable=import-outside-toplevel
+  from ldae_jax import models  # pylint: disable=import-outside-toplevel
+  from ldae_jax.training import representation_stage as rs, state as st  # pylint: disable=import-outside-toplevel
+  from ldae_jax.training.checkpoint import Checkpointer, flatten_paths  # pylint: disable=import-outside-toplevel
+  from ldae_jax.workdir import AUTOENCODER, REPRESENTATION, Workdir  # pylint: disable=import-outside-toplevel
+  c = tiny_config()
+  wd = Workdir(tmp_path)
+  write_shards(tmp_path, with_images=True)
+
+  def save(name, params, rest, tx):
+    state = st.create_state(params, rest, tx, seed=0, with_ema=True)
+    state = state.replace(ema=jax.tree.map(lambda x: x + 1.0, state.ema))  # an EMA unlike the parameters
+    ck = Checkpointer(wd.checkpoints(name))
+    ck.save(3, state)
+    ck.close()
+    return state
+
+  rng = np.random.default_rng(0)
+
+  def random_split(build, trainable=nnx.Param):  # (params, rest) of the network's shapes, random values
+    _, params, _, rest = st.abstract_model(lambda: build(c, nnx.Rngs(0)), trainable)
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), (params, rest))
+
+  gp, g_rest = random_split(models.build_autoencoder)
+  dp, d_rest = random_split(models.build_discriminator)
+  ae_tx = st.make_optimizer(c.train.autoencoder)
+  ae = save(AUTOENCODER, {"g": gp, "d": dp}, {"g": g_rest, "d": d_rest}, {"g": ae_tx, "d": ae_tx})
+  sp, s_rest = random_split(models.build_shift_unet, rs.SHIFT_TRAINABLE)
+  ep, e_rest = random_split(models.build_encoder)
+  r = save(REPRESENTATION, {"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest},
+           rs.make_optimizer(c.train.representation))
+
+  m = rec.load_ldae(c, tmp_path)
+  assert m.steps == {AUTOENCODER: 3, REPRESENTATION: 3}
+
+  def assert_same(got, want):
+    got, want = flatten_paths(jax.device_get(got)), flatten_paths(jax.device_get(want))
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg="/".join(k))
+
+  for (graphdef, state), trainable, ema, rest in (
+      ((m.ae_def, m.ae_state), nnx.Param, ae.ema["g"], ae.rest["g"]),
+      ((m.shift_def, m.shift_state), rs.SHIFT_TRAINABLE, r.ema["shift"], r.rest["shift"]),
+      ((m.enc_def, m.enc_state), nnx.Param, r.ema["encoder"], r.rest["encoder"])):
+    _, params, _, rest_got = st.split_model(nnx.merge(graphdef, state), trainable)
+    assert_same(params, ema)
+    assert_same(rest_got, rest)

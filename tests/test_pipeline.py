@@ -12,6 +12,8 @@ import pytest
 from ldae_jax.config import validate
 from ldae_jax.data import shards
 from ldae_jax.training import latents_stage, loop, pipeline
+from ldae_jax import workdir as layout
+from ldae_jax.workdir import Workdir
 from test_training import tiny_config
 
 
@@ -47,21 +49,22 @@ def test_all_stages_run_in_order_and_a_rerun_skips_them(workdir, capsys):
   wd, out = workdir
   assert list(out) == list(pipeline.ORDER)
   for stage in pipeline.ORDER:
-    assert loop.is_complete(wd / stage), stage
+    assert loop.is_complete(Workdir(wd).stage_dir(stage)), stage
   # The resolved config and the subject split are recorded beside the stages.
-  assert json.loads((wd / pipeline.CONFIG_FILE).read_text())["data"]["image_shape"] == [32, 40, 32]
-  assert sum(len(v) for v in json.loads((wd / "splits.json").read_text()).values()) == 6  # subjects
-  for stage in ("autoencoder", "ldm", "representation"):
+  assert json.loads(Workdir(wd).config_json.read_text())["data"]["image_shape"] == [32, 40, 32]
+  assert sum(len(v) for v in json.loads(Workdir(wd).splits_json.read_text()).values()) == 6  # subjects
+  for stage in layout.TRAINED_STAGES:  # each wrote where the layout says
     assert out[stage]["steps"] == 2 and np.isfinite(out[stage]["final_loss"]), stage
+    assert Workdir(wd).metrics(stage).is_file() and (Workdir(wd).checkpoints(stage) / "2").is_dir(), stage
   # Latents: one record per scan of each split, images stored for stage 3, and the scale factor is
   # 1 / std of every element of the train split's mu.
   counts = out["latents"]["scans"]
-  assert sum(counts.values()) == len(open(wd / "cohort" / "manifest.csv").read().splitlines()) - 1
-  train = shards.read_all(wd / "latents" / "shards" / "train", fields=("mu", "image"))
+  assert sum(counts.values()) == len(Workdir(wd).cohort_manifest.read_text().splitlines()) - 1
+  train = shards.read_all(Workdir(wd).shards("train"), fields=("mu", "image"))
   assert len(train["mu"]) == counts["train"] and train["image"].shape[1:] == (32, 40, 32, 1)
   scale = out["latents"]["scale_factor"]
   np.testing.assert_allclose(scale, 1.0 / train["mu"].std(), rtol=1e-4)
-  assert shards.read_metadata(wd / "latents" / "shards" / "test")["scale_factor"] == scale
+  assert shards.read_metadata(Workdir(wd).shards("test"))["scale_factor"] == scale
   capsys.readouterr()
   again = pipeline.run(tiny_pipeline_config(), wd)
   printed = capsys.readouterr().out
@@ -71,7 +74,7 @@ def test_all_stages_run_in_order_and_a_rerun_skips_them(workdir, capsys):
 
 def test_latents_other_processes_only_read_what_process_0_wrote(workdir, monkeypatch):
   wd, out = workdir
-  root = latents_stage.shard_root(wd)
+  root = Workdir(wd).shard_root
   before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
   monkeypatch.setattr(jax, "process_index", lambda: 1)  # the single-process barrier is a no-op
   summary = latents_stage.run(tiny_pipeline_config(), wd)

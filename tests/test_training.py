@@ -18,6 +18,7 @@ from ldae_jax.config import default_config, validate
 from ldae_jax.data import shards
 from ldae_jax.training import ldm_stage, loop, representation_stage
 from ldae_jax.training import state as st
+from ldae_jax.workdir import LDM, REPRESENTATION, Workdir
 
 
 def tiny_config():
@@ -45,7 +46,7 @@ def tiny_config():
 
 def write_shards(workdir: pathlib.Path, n: int = 8, with_images: bool = False, split: str = "train") -> None:
   rng = np.random.default_rng(0 if split == "train" else 1)
-  with shards.ShardWriter(workdir / "latents" / "shards" / split, records_per_shard=4,
+  with shards.ShardWriter(Workdir(workdir).shards(split), records_per_shard=4,
                           metadata={"scale_factor": 0.75}) as w:
     for i in range(n):
       rec = dict(mu=rng.normal(size=(4, 4, 4, 3)).astype(np.float32), logvar=np.zeros((4, 4, 4, 3), np.float32),
@@ -73,26 +74,41 @@ def test_ldm_resume_reproduces_uninterrupted_run(tmp_path):
   write_shards(cut)
   s_full = ldm_stage.run(c, full)
   assert ldm_stage.run(c, cut, stop_at=2) is None  # "preempted" after step 2: no summary
-  assert not loop.is_complete(cut / "ldm")
+  assert not loop.is_complete(Workdir(cut).stage_dir(LDM))
   s_cut = ldm_stage.run(c, cut)  # resumes from checkpoint 2 (state, RNG key and grain position)
   assert s_cut["steps_this_run"] == 2
-  a, b = loop.read_metrics(full / "ldm"), loop.read_metrics(cut / "ldm")
+  a, b = loop.read_metrics(Workdir(full).stage_dir(LDM)), loop.read_metrics(Workdir(cut).stage_dir(LDM))
   assert [m["step"] for m in b] == [1, 2, 3, 4]
   for ma, mb in zip(a, b):
     assert ma["loss"] == mb["loss"] and ma["grad_norm"] == mb["grad_norm"], (ma, mb)
   assert s_full["final_loss"] == s_cut["final_loss"]
-  summary = json.loads((cut / "ldm" / "summary.json").read_text())
+  wd = Workdir(cut)  # the stage wrote where the layout says
+  summary = json.loads(wd.summary(LDM).read_text())
   for k in ("final_loss", "steps", "samples_per_s", "compile_seconds", "wall_seconds"):
     assert summary[k] is not None, k
   assert summary["scale_factor"] == 0.75
-  kept = sorted(int(p.name) for p in (cut / "ldm" / "checkpoints").iterdir() if p.name.isdigit())
+  kept = sorted(int(p.name) for p in wd.checkpoints(LDM).iterdir() if p.name.isdigit())
   assert kept == [3, 4]  # keep_checkpoints = 2
-  assert (cut / "ldm" / "events").is_dir() and any((cut / "ldm" / "events").iterdir())
-  # The EMA UNet that stage 3 loads is the one stage 2 saved, and it moved away from the raw parameters.
-  ema, step = ldm_stage.ema_unet_params(c, cut)
-  assert step == 4
-  assert jax.tree.structure(ema) == jax.tree.structure(st.split_model(
-      __import__("ldae_jax.models", fromlist=["build_unet"]).build_unet(c, __import__("flax").nnx.Rngs(0)))[1])
+  assert wd.events(LDM).is_dir() and any(wd.events(LDM).iterdir())
+  assert wd.metrics(LDM).is_file()
+  # The UNet that stage 3 freezes is the EMA stage 2 saved, which moved away from the raw parameters.
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from ldae_jax.models import build_shift_unet  # pylint: disable=import-outside-toplevel
+  from ldae_jax.training.checkpoint import STATE_ITEM, flatten_paths  # pylint: disable=import-outside-toplevel
+  shift = build_shift_unet(c, nnx.Rngs(0))
+  assert representation_stage.load_frozen_unet(shift, c, cut) == 4
+  unet = jax.device_get(nnx.to_pure_dict(nnx.state(shift.unet, nnx.Param)))
+  loaded = flatten_paths(unet)
+  target = {"ema": unet, "params": unet}  # both saved copies of the UNet, read as numpy
+  saved = ocp.PyTreeCheckpointHandler().restore(wd.checkpoints(LDM) / "4" / STATE_ITEM, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
+      partial_restore=True))
+  ema, raw = flatten_paths(saved["ema"]), flatten_paths(saved["params"])
+  assert loaded.keys() == ema.keys()
+  for k in loaded:
+    np.testing.assert_array_equal(loaded[k], ema[k])
+  assert any(not np.array_equal(ema[k], raw[k]) for k in ema)
 
 
 def test_representation_refuses_without_stage2_weights(tmp_path):
@@ -161,7 +177,7 @@ def test_heldout_metrics_are_logged_and_code_norm_statistics_move(tmp_path):
   write_shards(tmp_path, n=4, with_images=True, split="val")
   summary = ldm_stage.run(c, tmp_path)
   assert set(summary["heldout"]) == {"eps"} | {f"eps_t{t}" for t in (25, 100, 250, 475, 700, 900)}
-  logged = loop.read_metrics(tmp_path / "ldm")
+  logged = loop.read_metrics(Workdir(tmp_path).stage_dir(LDM))
   assert all("heldout_eps_t475" in m for m in logged)
   assert "plateau" in ldm_stage.plateau_note(logged) or "too few" in ldm_stage.plateau_note(logged)
   c.stage = "representation"
@@ -175,11 +191,11 @@ def test_heldout_metrics_are_logged_and_code_norm_statistics_move(tmp_path):
   assert all(np.isfinite(v) for v in summary["heldout"].values())
   from ldae_jax.training.checkpoint import Checkpointer
   spec = representation_stage.build(c, tmp_path)
-  ck = Checkpointer(tmp_path / "representation" / "checkpoints")
+  ck = Checkpointer(Workdir(tmp_path).checkpoints(REPRESENTATION))
   state, _ = ck.restore(spec.state)
   ck.close()
   stats = state.rest["encoder"]["code_norm"]
-  train_images = shards.read_all(tmp_path / "latents" / "shards" / "train", ("image",))["image"]
+  train_images = shards.read_all(Workdir(tmp_path).shards("train"), ("image",))["image"]
   np.testing.assert_allclose(np.asarray(stats["template"]), train_images.mean(0), rtol=1e-5, atol=1e-6)
   # Two updates (one per step) from the EMA encoder's codes, bias-corrected weight 1 - m^2.
   m = c.encoder.code_norm_momentum

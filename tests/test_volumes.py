@@ -11,6 +11,7 @@ import pytest
 from ldae_jax.config import default_config
 from ldae_jax.data import manifest as mf
 from ldae_jax.training import volumes
+from ldae_jax.workdir import Workdir
 
 
 def small_config(subjects=2):
@@ -81,7 +82,7 @@ def test_num_workers_reads_in_worker_processes_with_the_same_batches(tmp_path, m
 def test_split_is_recorded_once_and_a_changed_manifest_or_seed_is_refused(tmp_path):
   c = small_config(subjects=6)
   first = volumes.splits(c, tmp_path)
-  recorded = json.loads((tmp_path / volumes.SPLITS_FILE).read_text())
+  recorded = json.loads(Workdir(tmp_path).splits_json.read_text())
   assert {s: sorted(t) for s, t in recorded.items()} == {
       s: sorted({r.subject for r in recs}) for s, recs in first.items()}
   assert volumes.splits(c, tmp_path) == first  # the same manifest and config: accepted

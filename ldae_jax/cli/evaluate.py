@@ -42,7 +42,8 @@ def main(argv):
   mode = _MODE.value
   if mode != "throughput" and (not _WORKDIR.value or not pathlib.Path(_WORKDIR.value).is_dir()):
     raise app.UsageError(f"--workdir {_WORKDIR.value!r} is not a directory; pass the folder train.py wrote.")
-  out = pathlib.Path(_WORKDIR.value or ".") / "report"
+  from ldae_jax.workdir import Workdir  # pylint: disable=import-outside-toplevel
+  out = Workdir(_WORKDIR.value or ".").report
   existed = out.is_dir()
 
   def evaluate():

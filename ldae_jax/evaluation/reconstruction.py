@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,9 +24,10 @@ import numpy as np
 from flax import nnx
 
 from ldae_jax import progress
-from ldae_jax.data import shards
+from ldae_jax.data import latents, shards
 from ldae_jax.diffusion import ddim as ddim_lib, schedule as schedule_lib
 from ldae_jax.evaluation import metrics
+from ldae_jax.workdir import AUTOENCODER, REPRESENTATION, Workdir
 
 SCALAR_FIELDS = ("subject", "scan_id", "diagnosis", "age", "session_months")
 
@@ -56,36 +56,31 @@ def resolve_clamp_range(config: ml_collections.ConfigDict, workdir: str | os.Pat
   bounds x0 where the data lie instead of cutting the scaled latents (std 1) at the reference's +-1."""
   if float(config.diffusion.clamp_range) > 0:
     return float(config.diffusion.clamp_range)
-  from ldae_jax.training import ldm_stage
-  mu = shards.read_all(ldm_stage.shard_dir(workdir), ("mu",))["mu"]
+  mu = shards.read_all(Workdir(workdir).shards("train"), ("mu",))["mu"]
   return float(np.abs(mu).max() * scale)
 
 
 def load_ldae(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> LDAEModels:
   """EMA AE, ShiftUNet (with its frozen stage-2 UNet) and encoder from `workdir` checkpoints."""
   from ldae_jax.models import build_encoder, build_shift_unet
-  from ldae_jax.training import autoencoder_stage, ldm_stage, representation_stage as rs, state as st
-  from ldae_jax.training.checkpoint import restore_newest
+  from ldae_jax.training import autoencoder_stage, representation_stage as rs, state as st
+  from ldae_jax.training.checkpoint import restore_ema_weights
+  wd = Workdir(workdir)
   ae, ae_step = autoencoder_stage.trained_autoencoder(config, workdir)
-  ckdir = pathlib.Path(workdir) / "representation" / "checkpoints"
-  shift = build_shift_unet(config, nnx.Rngs(0))
-  enc = build_encoder(config, nnx.Rngs(0))
-  s_def, sp, s_rngs, s_rest = st.split_model(shift, rs.SHIFT_TRAINABLE)
-  e_def, ep, e_rngs, e_rest = st.split_model(enc)
-  target = st.create_state({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest},
-                           rs.make_optimizer(config.train.representation), seed=0,
-                           with_ema=config.train.representation.ema_decay > 0)
-  restored, step = restore_newest(
-      ckdir, target, what="representation weights",
+  s_def, sp, s_rngs, s_rest = st.abstract_model(lambda: build_shift_unet(config, nnx.Rngs(0)), rs.SHIFT_TRAINABLE)
+  e_def, ep, e_rngs, e_rest = st.abstract_model(lambda: build_encoder(config, nnx.Rngs(0)))
+  # The shift branch's `rest` holds the frozen stage-2 UNet and the encoder's the code-norm statistics.
+  w = restore_ema_weights(
+      wd.checkpoints(REPRESENTATION), {"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest},
+      what="representation weights",
       missing_fix=f"run the representation stage first (--config.stage=representation --workdir {workdir})",
       mismatch_fix="use the config (config.unet / config.encoder) it was trained with")
-  w = restored.ema if restored.ema is not None else restored.params
-  shift = st.merge_model(s_def, w["shift"], s_rngs, restored.rest["shift"])
-  enc = st.merge_model(e_def, w["encoder"], e_rngs, restored.rest["encoder"])
-  meta = shards.read_metadata(ldm_stage.shard_dir(workdir))
-  scale = ldm_stage.scale_factor(config, meta, str(ldm_stage.shard_dir(workdir)))
+  shift = st.merge_model(s_def, w.params["shift"], s_rngs, w.rest["shift"])
+  enc = st.merge_model(e_def, w.params["encoder"], e_rngs, w.rest["encoder"])
+  sdir = wd.shards("train")
+  scale = latents.scale_factor(config, shards.read_metadata(sdir), str(sdir))
   return LDAEModels(*nnx.split(ae), *nnx.split(shift), *nnx.split(enc), scale,
-                    {"autoencoder": ae_step, "representation": step}, clamp=bool(config.diffusion.clamp_x0),
+                    {AUTOENCODER: ae_step, REPRESENTATION: w.step}, clamp=bool(config.diffusion.clamp_x0),
                     clamp_range=resolve_clamp_range(config, workdir, scale))
 
 
@@ -103,15 +98,13 @@ def random_encoder(config: ml_collections.ConfigDict, seed: int = 12345):
 
 def mean_train_image(workdir: str | os.PathLike) -> np.ndarray:
   """Voxel-wise mean of the train split's stored images (X, Y, Z, 1) float32."""
-  from ldae_jax.training import ldm_stage
-  return shards.field_mean(ldm_stage.shard_dir(workdir), "image")
+  return shards.field_mean(Workdir(workdir).shards("train"), "image")
 
 
 def read_split(workdir: str | os.PathLike, split: str, max_scans: int | None = None,
                fields: tuple[str, ...] = ("mu", "image")) -> dict[str, np.ndarray]:
   """Latents, images and scan facts of one split from the latent shards (first `max_scans` in write order)."""
-  from ldae_jax.training import ldm_stage
-  d = ldm_stage.shard_dir(workdir, split)
+  d = Workdir(workdir).shards(split)
   data = shards.read_all(d, fields + SCALAR_FIELDS)
   if max_scans:
     data = {k: v[:max_scans] for k, v in data.items()}

@@ -20,6 +20,7 @@ import numpy as np
 
 from ldae_jax.data import atomic
 from ldae_jax.evaluation import checks, figures, probes, reconstruction as rec, throughput
+from ldae_jax.workdir import Workdir
 
 
 def _jsonable(o: Any) -> Any:
@@ -91,7 +92,7 @@ def _ground_truth(config, workdir) -> dict[str, dict[str, float]] | None:
       except ValueError as e:
         raise ValueError(f"{path}: scan {rec_.scan_id} has a non-numeric known factor ({e}).") from e
     return out
-  path = pathlib.Path(workdir) / "cohort" / "ground_truth.csv"
+  path = Workdir(workdir).ground_truth_csv
   if not path.is_file():
     return None
   with open(path, newline="") as f:
@@ -159,10 +160,9 @@ def run_code_use(config, workdir, out, models=None) -> dict:
   """Does decoding use the code? Loss gap own vs another subject's code, swapped decodes, semantic-only error."""
   from ldae_jax.data import shards
   from ldae_jax.evaluation import code_use
-  from ldae_jax.training import ldm_stage
   m = models or rec.load_ldae(config, workdir)
   data = rec.read_split(workdir, "test", int(config.eval.max_scans))
-  mean_latent = shards.field_mean(ldm_stage.shard_dir(workdir, "train"), "mu")
+  mean_latent = shards.field_mean(Workdir(workdir).shards("train"), "mu")
   r = code_use.evaluate_code_use(m, config, data, mean_latent, steps=int(min(config.eval.ddim_steps)),
                                  seed=int(config.seed))
   md = code_use.markdown(r)
@@ -260,7 +260,7 @@ def run_throughput(config, dae_config, *, batch: int, steps: int, repeats: int =
 
 # ------------------------------------------------------------------------------------------------ report
 def run_report(config, workdir: str) -> pathlib.Path:
-  out = pathlib.Path(workdir) / "report"
+  out = Workdir(workdir).report
   (out / "volumes").mkdir(parents=True, exist_ok=True)
   sections: dict[str, Any] = {}
   try:

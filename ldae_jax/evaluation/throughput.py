@@ -200,12 +200,12 @@ def ldm_train_workload(config: ml_collections.ConfigDict, *, batch: int, seed: i
 def stage_summaries(workdir: str | None) -> dict[str, Any]:
   """Train throughput each stage measured while training (summary.json), when a workdir is given."""
   import json
-  import pathlib
+  from ldae_jax import workdir as layout
   out = {}
   if not workdir:
     return out
-  for stage in ("autoencoder", "ldm", "representation"):
-    p = pathlib.Path(workdir) / stage / "summary.json"
+  for stage in layout.TRAINED_STAGES:
+    p = layout.Workdir(workdir).summary(stage)
     if p.exists():
       s = json.loads(p.read_text())
       out[stage] = {k: v for k, v in s.items() if any(w in k for w in ("sample", "second", "step", "compile"))}

@@ -28,11 +28,13 @@ import ml_collections
 import optax
 from flax import nnx
 
+from ldae_jax.training import checkpoint
 from ldae_jax.training import common
 from ldae_jax.training import state as st
 from ldae_jax.training import volumes
+from ldae_jax.workdir import AUTOENCODER, Workdir
 
-NAME = "autoencoder"
+NAME = AUTOENCODER
 
 
 def kl_loss(mu: jax.Array, sigma: jax.Array) -> jax.Array:
@@ -158,20 +160,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mesh=N
 def trained_autoencoder(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
   """(AutoencoderKL with the newest stage-1 weights (EMA when kept), checkpoint step).
 
-  Raises FileNotFoundError naming the path and the fix when stage 1 has not been run in `workdir`.
+  Reads only the autoencoder's EMA and state, not the discriminator or the optimizer. Raises FileNotFoundError
+  naming the path and the fix when stage 1 has not been run in `workdir`.
   """
-  import pathlib  # pylint: disable=g-import-not-at-top
-  from ldae_jax.training.checkpoint import restore_newest  # pylint: disable=g-import-not-at-top
-  ckdir = pathlib.Path(workdir) / NAME / "checkpoints"
-  cfg = config.train.autoencoder
-  ae, disc = build_networks(config)
-  g_def, gp, g_rngs, g_rest = st.split_model(ae)
-  _, dp, _, d_rest = st.split_model(disc)
-  tx = {"g": st.make_optimizer(cfg), "d": st.make_optimizer(cfg, lr=cfg.lr_disc)}
-  target = st.create_state({"g": gp, "d": dp}, {"g": g_rest, "d": d_rest}, tx, seed=0, with_ema=cfg.ema_decay > 0)
-  restored, step = restore_newest(
-      ckdir, target, what="autoencoder weights",
+  from ldae_jax.models import build_autoencoder  # pylint: disable=g-import-not-at-top
+  g_def, gp, g_rngs, g_rest = st.abstract_model(lambda: build_autoencoder(config, nnx.Rngs(params=config.seed)))
+  w = checkpoint.restore_ema_weights(
+      Workdir(workdir).checkpoints(NAME), {"g": gp}, {"g": g_rest}, what="autoencoder weights",
       missing_fix=f"run the autoencoder stage first (--config.stage=autoencoder --workdir {workdir})",
-      mismatch_fix="use the config (config.autoencoder / config.discriminator) it was trained with")
-  weights = restored.ema if restored.ema is not None else restored.params
-  return st.merge_model(g_def, weights["g"], g_rngs, restored.rest["g"]), step
+      mismatch_fix="use the config (config.autoencoder) it was trained with")
+  return st.merge_model(g_def, w.params["g"], g_rngs, w.rest["g"]), w.step

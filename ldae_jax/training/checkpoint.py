@@ -6,11 +6,15 @@ One `CheckpointManager` per stage directory (`DIR/<stage>/checkpoints/<step>/`),
 when complete, so a run killed mid-save leaves the previous checkpoint intact. Restoring targets the
 *current* run's shardings (abstract arrays built from the freshly initialised, sharded state), so a
 checkpoint written on 8 devices restores on 1 and vice versa.
+
+A later stage or the evaluation reads only the weights it uses, `restore_ema_weights`: the EMA (or the
+parameters) and the parts of the non-trainable state asked for, targets built without initialising a model.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import os
 import pathlib
@@ -23,6 +27,7 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)  # shown by the CLIs (ldae_jax.cli.common.setup_logging)
 
 PyTree = Any
+STATE_ITEM = "state"  # the folder of a step that `Checkpointer.save` writes the TrainState to (its `state=` item)
 
 
 def _encode_data_state(state: Any) -> Any:
@@ -97,23 +102,108 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_newest(directory: str | os.PathLike, target: PyTree, *, what: str, missing_fix: str,
-                   mismatch_fix: str) -> tuple[PyTree, int]:
-  """The newest checkpoint's `state` restored onto `target`, and its step: how a later stage or the
-  evaluation picks up an earlier stage's weights.
+@dataclasses.dataclass(frozen=True)
+class StageWeights:
+  """What a later stage or the evaluation takes from a stage's newest checkpoint.
+
+  Attributes:
+    params: the requested part of the EMA weights, or of the raw parameters when the stage kept no EMA.
+    rest: the requested part of `TrainState.rest` (batch statistics, a frozen network); {} when none was asked.
+    step: the checkpoint's step.
+    from_ema: whether `params` are the EMA.
+  """
+  params: PyTree
+  rest: PyTree
+  step: int
+  from_ema: bool
+
+
+def restore_ema_weights(directory: str | os.PathLike, params: PyTree, rest: PyTree = None, *, what: str,
+                        missing_fix: str, mismatch_fix: str,
+                        sharding: jax.sharding.Sharding | None = None) -> StageWeights:
+  """The EMA weights (else the parameters) of the newest checkpoint in `directory`, and nothing else.
+
+  `params` and `rest` are abstract trees (anything with .shape and .dtype, e.g. from `nnx.eval_shape`) of the
+  parts wanted, keyed as in the saved `TrainState.params` / `.rest`: `{"g": ...}` reads the autoencoder without
+  the discriminator. Only those arrays are read (an orbax partial restore): no optimizer moments, no raw
+  parameters beside the EMA. Without `sharding` the arrays land, uncommitted, on the default device, as a freshly
+  built model's would; with it, every array is restored straight into that sharding.
 
   Raises FileNotFoundError ("<what> not found: <dir> has no checkpoint; <missing_fix>.") when there is none,
-  and ValueError naming `what` and `mismatch_fix` when it was written for other network sizes.
+  and ValueError naming `what`, the differing arrays and `mismatch_fix` when it was written for other network
+  sizes.
   """
   directory = pathlib.Path(directory)
+  step = _newest_step(directory, what=what, missing_fix=missing_fix)
+  item_dir = directory / str(step) / STATE_ITEM
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    saved = handler.metadata(item_dir).tree
+    weights_key = "ema" if flatten_paths(saved.get("ema")) else "params"
+    wanted = {weights_key: params, "rest": {} if rest is None else rest}
+    problems = _mismatches(wanted, saved)
+    if problems:
+      raise ValueError(f"{what} in {directory} does not match this run's config (checkpoint {step}: "
+                       f"{'; '.join(problems[:4])}{'; ...' if len(problems) > 4 else ''}); {mismatch_fix}.")
+    # Parts without arrays (a network without state) are not asked for: orbax cannot match an empty request.
+    item = {k: v for k, v in wanted.items() if jax.tree.leaves(v)}
+    restored = {} if not item else handler.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=jax.tree.map(lambda x: _restore_args(x, sharding), item), partial_restore=True))
+  finally:
+    handler.close()
+  if sharding is None:
+    restored = jax.device_put(restored)  # host arrays -> uncommitted arrays on the default device
+  restored = {k: restored.get(k, v) for k, v in wanted.items()}
+  return StageWeights(params=restored[weights_key], rest=restored["rest"], step=step, from_ema=weights_key == "ema")
+
+
+def _newest_step(directory: pathlib.Path, *, what: str, missing_fix: str) -> int:
   if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
     raise FileNotFoundError(f"{what} not found: {directory} has no checkpoint; {missing_fix}.")
-  ckpt = Checkpointer(directory, keep=1000)
+  ckpt = Checkpointer(directory, keep=1000)  # a reader: keep= high so that it never deletes a step
   try:
-    try:
-      restored, _ = ckpt.restore(target)
-    except ValueError as e:
-      raise ValueError(f"{what} in {directory} does not match this run's config ({e}); {mismatch_fix}.") from e
-    return restored, int(ckpt.latest_step())
+    step = ckpt.latest_step()
   finally:
     ckpt.close()
+  if step is None:  # only uncommitted (interrupted) saves
+    raise FileNotFoundError(f"{what} not found: {directory} has no complete checkpoint; {missing_fix}.")
+  return int(step)
+
+
+def flatten_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """{path: leaf} of nested dicts and lists, keys as text (orbax stores `0` as "0"); None and empty nodes drop out."""
+  if isinstance(tree, dict):
+    items = tree.items()
+  elif isinstance(tree, (list, tuple)):
+    items = enumerate(tree)
+  elif tree is None:
+    return {}
+  else:
+    return {prefix: tree}
+  out = {}
+  for k, v in items:
+    out.update(flatten_paths(v, prefix + (str(k),)))
+  return out
+
+
+def _mismatches(wanted: PyTree, saved: PyTree) -> list[str]:
+  """What differs between the wanted arrays and the checkpoint's metadata: absent arrays and other shapes.
+
+  Checked before reading because a partial restore would quietly hand back the target for an absent array."""
+  have = flatten_paths(saved)
+  out = []
+  for path, want in flatten_paths(wanted).items():
+    name = "/".join(path)
+    if path not in have:
+      out.append(f"{name} not in the checkpoint")
+    elif tuple(have[path].shape) != tuple(want.shape):
+      out.append(f"{name}: checkpoint {tuple(have[path].shape)}, model {tuple(want.shape)}")
+  return out
+
+
+def _restore_args(leaf, sharding: jax.sharding.Sharding | None) -> ocp.RestoreArgs:
+  """Host numpy arrays without a sharding (any device count reads them), else arrays in `sharding`; cast to the
+  model's dtype as the full-state restore does."""
+  if sharding is None:
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+  return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(leaf.shape), dtype=leaf.dtype)

@@ -20,6 +20,7 @@ from ldae_jax.parallel import mesh as pmesh
 from ldae_jax.training import loop
 from ldae_jax.training.checkpoint import Checkpointer
 from ldae_jax.training.state import TrainState, count_params
+from ldae_jax.workdir import Workdir
 
 PyTree = Any
 
@@ -49,10 +50,6 @@ class StageSpec:
   heldout_fn: Callable[[TrainState], dict] | None = None
 
 
-def stage_dir(workdir: str | os.PathLike, name: str) -> pathlib.Path:
-  return pathlib.Path(workdir) / name
-
-
 def remove_empty_dirs(root: str | os.PathLike, *, keep_root: bool = False) -> None:
   """Removes every empty folder under `root` (bottom up), and `root` itself when it ends up empty unless
   `keep_root`: a failed run leaves no empty `autoencoder/checkpoints/` that looks like a started stage."""
@@ -74,7 +71,8 @@ def train_stage(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
                 mesh=None, stop_at: int | None = None) -> dict[str, Any] | None:
   """Places, compiles, resumes and runs `spec`; returns the summary (None when stopped at `stop_at`)."""
   cfg = config.train[spec.name]
-  sdir = stage_dir(workdir, spec.name)
+  wd = Workdir(workdir)
+  sdir = wd.stage_dir(spec.name)
   sdir.mkdir(parents=True, exist_ok=True)
   mesh = pmesh.make_mesh(config.mesh) if mesh is None else mesh
   shardings = state_shardings(spec.state, mesh, config)
@@ -92,7 +90,7 @@ def train_stage(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
   print(f"[{spec.name}] step compiled in {compiled.seconds:.1f} s on {mesh.devices.size} device(s), mesh "
         f"{dict(mesh.shape)}; trainable parameters {count_params(state.params):,}", flush=True)
 
-  ckpt = Checkpointer(sdir / "checkpoints", keep=cfg.keep_checkpoints)
+  ckpt = Checkpointer(wd.checkpoints(spec.name), keep=cfg.keep_checkpoints)
   iterator = spec.make_iterator()
   start = 0
   if ckpt.latest_step() is not None:

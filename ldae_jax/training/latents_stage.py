@@ -14,7 +14,6 @@ the others wait at a barrier, then read the scale factor from the shards it wrot
 from __future__ import annotations
 
 import os
-import pathlib
 import time
 from typing import Any
 
@@ -29,35 +28,31 @@ from ldae_jax.parallel import distributed
 from ldae_jax.training import autoencoder_stage
 from ldae_jax.training import loop
 from ldae_jax.training import volumes
+from ldae_jax.workdir import LATENTS, SPLITS, Workdir
 
-NAME = "latents"
-SPLITS = ("train", "val", "test")
-
-
-def shard_root(workdir: str | os.PathLike) -> pathlib.Path:
-  return pathlib.Path(workdir) / NAME / "shards"
+NAME = LATENTS
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, **unused: Any) -> dict[str, Any]:
   t0 = time.perf_counter()
-  sdir = pathlib.Path(workdir) / NAME
+  wd = Workdir(workdir)
   ae, ae_step = autoencoder_stage.trained_autoencoder(config, workdir)
   graphdef, state = nnx.split(ae)
   encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_moments(x))
   split_records = volumes.splits(config, workdir)
   if not split_records["train"]:
     raise ValueError("the train split is empty; nothing to compute the scale factor from (check the manifest).")
-  source = str(pathlib.Path(workdir) / autoencoder_stage.NAME / "checkpoints" / str(ae_step))
+  source = str(wd.checkpoints(autoencoder_stage.NAME) / str(ae_step))
   counts = {split: len(split_records[split]) for split in SPLITS}
   if jax.process_index() == 0:
     scale = _encode_and_write(encode, state, split_records, config, workdir, source)
-  distributed.barrier(f"latents written to {shard_root(workdir)}")
+  distributed.barrier(f"latents written to {wd.shard_root}")
   if jax.process_index() != 0:
-    scale = shards.read_metadata(shard_root(workdir) / "train")["scale_factor"]
+    scale = shards.read_metadata(wd.shards("train"))["scale_factor"]
   summary = {"stage": NAME, "steps": 0, "final_loss": None, "scale_factor": scale, "scans": counts,
              "source_checkpoint": source, "wall_seconds": time.perf_counter() - t0, "compile_seconds": 0.0,
              "samples_per_s": sum(counts.values()) / max(time.perf_counter() - t0, 1e-9)}
-  loop.finish_stage(sdir, summary)
+  loop.finish_stage(wd.stage_dir(NAME), summary)
   return summary
 
 
@@ -71,7 +66,8 @@ def _encode_and_write(encode, state, split_records, config, workdir, source: str
       continue
     meta = {"scale_factor": scale, "source_checkpoint": source, "split": split,
             "image_shape": list(config.data.image_shape), "spacing_mm": float(config.data.spacing_mm)}
-    with shards.ShardWriter(shard_root(workdir) / split, records_per_shard=int(config.train.latents_records_per_shard),
+    with shards.ShardWriter(Workdir(workdir).shards(split),
+                            records_per_shard=int(config.train.latents_records_per_shard),
                             metadata=meta) as writer:
       for i in range(0, len(records), bs):
         chunk = records[i:i + bs]
@@ -93,5 +89,5 @@ def _encode_and_write(encode, state, split_records, config, workdir, source: str
                                    "degenerate. Retrain stage 1.")
         scale = 1.0 / std
         writer.metadata["scale_factor"] = scale
-    print(f"[latents] {split}: {len(records)} scans -> {shard_root(workdir) / split}", flush=True)
+    print(f"[latents] {split}: {len(records)} scans -> {Workdir(workdir).shards(split)}", flush=True)
   return scale

@@ -11,7 +11,6 @@ clipping; gradient accumulation by `lax.scan`; EMA once per optimizer step.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any
 
 import jax
@@ -21,40 +20,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ldae_jax.data import shards
+from ldae_jax.data import latents, shards
 from ldae_jax.diffusion import code_use, losses
 from ldae_jax.diffusion.schedule import make_schedule
 from ldae_jax.training import common
 from ldae_jax.training import loop
 from ldae_jax.training import state as st
+from ldae_jax.workdir import LDM, Workdir
 
-NAME = "ldm"
+NAME = LDM
 HELDOUT_SCANS = 32  # validation latents the held-out eps error is measured on at every log step
-
-
-def shard_dir(workdir: str | os.PathLike, split: str = "train") -> pathlib.Path:
-  return pathlib.Path(workdir) / "latents" / "shards" / split
-
-
-def scale_factor(config: ml_collections.ConfigDict, meta: dict[str, Any], where: str) -> float:
-  """`config.diffusion.scale_factor` when set, else the data-derived one recorded by the `latents` stage."""
-  if config.diffusion.scale_factor:
-    return float(config.diffusion.scale_factor)
-  s = meta.get("scale_factor")
-  if not s or not np.isfinite(s) or s <= 0:
-    raise ValueError(f"{where}/metadata.json has no valid scale_factor ({s!r}); rerun the `latents` stage or "
-                     "set config.diffusion.scale_factor.")
-  return float(s)
-
-
-def check_latent_shape(config: ml_collections.ConfigDict, meta: dict[str, Any], where: str) -> tuple[int, ...]:
-  from ldae_jax.config import latent_shape  # pylint: disable=g-import-not-at-top
-  want = tuple(latent_shape(config))
-  got = tuple(meta["fields"]["mu"]["shape"])
-  if got != want:
-    raise ValueError(f"{where}: latents have shape {got} but config (data.image_shape, autoencoder.channels, "
-                     f"latent_channels) implies {want}; rerun the `latents` stage for this config.")
-  return got
 
 
 def make_step(graphdef, rng_state, tx: optax.GradientTransformation, sched, scale: float,
@@ -77,15 +52,6 @@ def make_step(graphdef, rng_state, tx: optax.GradientTransformation, sched, scal
     return losses.eps_loss(out, losses.v_target(sched, z0, t, noise) if v_prediction else noise)
 
   return st.make_train_step(loss_fn, tx, accum=accum, ema_decay=decay)
-
-
-def heldout_latents(workdir: str | os.PathLike, n: int, fields: tuple[str, ...] = ("mu",)) -> dict | None:
-  """The first `n` validation records (None when the run has no validation split)."""
-  vdir = shard_dir(workdir, "val")
-  if not (vdir / shards.METADATA_FILE).is_file():
-    return None
-  data = shards.read_all(vdir, fields)
-  return {k: v[:n] for k, v in data.items()} if len(data[fields[0]]) else None
 
 
 def make_heldout_eps_fn(graphdef, rng_state, sched, scale: float, mu: np.ndarray,
@@ -132,10 +98,11 @@ def plateau_note(metrics: list[dict[str, float]], key: str = "heldout_eps", wind
 def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> common.StageSpec:
   from ldae_jax.models import build_unet  # pylint: disable=g-import-not-at-top
   cfg = config.train.ldm
-  sdir = shard_dir(workdir)
+  wd = Workdir(workdir)
+  sdir = wd.shards("train")
   meta = shards.read_metadata(sdir)
-  shape = check_latent_shape(config, meta, str(sdir))
-  scale = scale_factor(config, meta, str(sdir))
+  shape = latents.check_latent_shape(config, meta, str(sdir))
+  scale = latents.scale_factor(config, meta, str(sdir))
   unet = build_unet(config, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
   graphdef, params, rng_state, rest = st.split_model(unet)
   tx = st.make_optimizer(cfg)
@@ -147,7 +114,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
     return shards.make_iterator(sdir, global_batch_size=gbs, seed=int(config.seed), shuffle=True, repeat=True,
                                 drop_remainder=True, fields=("mu",), num_workers=int(config.data.num_workers))
 
-  val = heldout_latents(workdir, HELDOUT_SCANS)
+  val = latents.heldout_records(wd.shards("val"), HELDOUT_SCANS)
   return common.StageSpec(
       name=NAME, state=state, step_fn=make_step(graphdef, rng_state, tx, sched, scale, cfg),
       make_iterator=make_iterator, batch_shapes={"mu": jax.ShapeDtypeStruct((gbs,) + shape, jnp.float32)},
@@ -159,36 +126,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mesh=N
         stop_at: int | None = None) -> dict[str, Any] | None:
   summary = common.train_stage(build(config, workdir), config, workdir, mesh=mesh, stop_at=stop_at)
   if summary is not None and jax.process_index() == 0:
-    print(f"[{NAME}] {plateau_note(loop.read_metrics(common.stage_dir(workdir, NAME)))}", flush=True)
+    print(f"[{NAME}] {plateau_note(loop.read_metrics(Workdir(workdir).stage_dir(NAME)))}", flush=True)
   return summary
 
-
-def ema_unet_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tuple[Any, int]:
-  """The stage-2 EMA UNet parameters (pure dict) from the newest `DIR/ldm` checkpoint, and its step.
-
-  Raises FileNotFoundError naming the path and the fix when there is none, ValueError when the checkpoint
-  was written for different UNet sizes. (Stage 3 must never train on a random UNet; docs/fidelity.md, "Reference bugs".)
-  """
-  from ldae_jax.models import build_unet  # pylint: disable=g-import-not-at-top
-  from ldae_jax.training.checkpoint import restore_newest  # pylint: disable=g-import-not-at-top
-  ckdir = pathlib.Path(workdir) / NAME / "checkpoints"
-  cfg = config.train.ldm
-  abstract_unet = nnx.eval_shape(lambda: build_unet(config, nnx.Rngs(0)))
-  _, params, _, rest = st.split_model(abstract_unet)
-  tx = st.make_optimizer(cfg)
-  to_sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-  target = st.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32), params=to_sds(params),
-      opt_state=jax.eval_shape(tx.init, to_sds(params)),
-      ema=to_sds(params) if cfg.ema_decay > 0 else None, rest=to_sds(rest),
-      key=jax.ShapeDtypeStruct((2,), jnp.uint32))
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-                        target)
-  restored, step = restore_newest(
-      ckdir, target, what="stage-2 UNet weights",
-      missing_fix=(f"train stage 2 first (python train.py --config ... --workdir {workdir} --config.stage=ldm) or "
-                   "point --workdir at a run that has it"),
-      mismatch_fix="use the config (config.unet / config.autoencoder) stage 2 was trained with, or retrain stage 2")
-  weights = restored.ema if restored.ema is not None else restored.params
-  return weights, step

@@ -20,10 +20,11 @@ from typing import Any
 import jax
 
 from ldae_jax import progress
+from ldae_jax import workdir as layout
 from ldae_jax.training.checkpoint import Checkpointer
 
 PyTree = Any
-SUMMARY = "summary.json"
+SUMMARY = layout.SUMMARY  # the file names inside a stage folder are the layout's (ldae_jax.workdir)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -51,14 +52,14 @@ class MetricsWriter:
 
   def __init__(self, stage_dir: str | os.PathLike, *, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
-    self.path = pathlib.Path(stage_dir) / "metrics.jsonl"
+    self.path = pathlib.Path(stage_dir) / layout.METRICS
     self._tb = None
     if not self.enabled:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._truncate(resume_step)
     from tensorboardX import SummaryWriter  # heavy import, only where used
-    self._tb = SummaryWriter(str(pathlib.Path(stage_dir) / "events"))
+    self._tb = SummaryWriter(str(pathlib.Path(stage_dir) / layout.EVENTS))
 
   def _truncate(self, resume_step: int) -> None:
     if not self.path.exists():
@@ -86,7 +87,7 @@ class MetricsWriter:
 
 
 def read_metrics(stage_dir: str | os.PathLike) -> list[dict[str, float]]:
-  path = pathlib.Path(stage_dir) / "metrics.jsonl"
+  path = pathlib.Path(stage_dir) / layout.METRICS
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 

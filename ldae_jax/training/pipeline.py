@@ -16,22 +16,22 @@ from typing import Any
 import jax
 import ml_collections
 
+from ldae_jax import workdir as layout
 from ldae_jax.data import atomic
 from ldae_jax.training import common
 from ldae_jax.training import loop
 from ldae_jax.training import volumes
 
-ORDER = ("autoencoder", "latents", "ldm", "representation")
+ORDER = layout.STAGES
 # The stages that read the manifest's NIfTI files (the later ones read the latent shards).
-READS_SCANS = ("autoencoder", "latents")
-CONFIG_FILE = "config.json"
+READS_SCANS = (layout.AUTOENCODER, layout.LATENTS)
 
 
 def _module(stage: str):
   from ldae_jax.training import (autoencoder_stage, latents_stage, ldm_stage,  # pylint: disable=g-import-not-at-top
                                  representation_stage)
-  return {"autoencoder": autoencoder_stage, "latents": latents_stage, "ldm": ldm_stage,
-          "representation": representation_stage}[stage]
+  return {layout.AUTOENCODER: autoencoder_stage, layout.LATENTS: latents_stage, layout.LDM: ldm_stage,
+          layout.REPRESENTATION: representation_stage}[stage]
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, stage: str, **kw: Any):
@@ -43,7 +43,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str | os.PathLike, sta
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs `config.stage` (or all stages) in `workdir`; returns {stage: summary}."""
   workdir = pathlib.Path(workdir)
-  todo = [config.stage] if config.stage != "all" else [s for s in ORDER if not loop.is_complete(workdir / s)]
+  wd = layout.Workdir(workdir)
+  todo = [config.stage] if config.stage != "all" else [s for s in ORDER if not loop.is_complete(wd.stage_dir(s))]
   if any(s in READS_SCANS for s in todo):
     volumes.check_scans(config, workdir)  # a bad file stops the run here, not after a stage trained
   existed = workdir.is_dir()
@@ -53,8 +54,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     return _run_stages(config, workdir)
   except BaseException:
     common.remove_empty_dirs(workdir, keep_root=existed)  # folders are made eagerly; leave none empty behind
-    if not existed and workdir.is_dir() and [p.name for p in workdir.iterdir()] == [CONFIG_FILE]:
-      (workdir / CONFIG_FILE).unlink()  # nothing ran: no workdir that holds only a config
+    if not existed and workdir.is_dir() and list(workdir.iterdir()) == [wd.config_json]:
+      wd.config_json.unlink()  # nothing ran: no workdir that holds only a config
       workdir.rmdir()
     raise
 
@@ -62,7 +63,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
 def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """`DIR/config.json`: the resolved config of the latest run in the workdir (file + command-line overrides)."""
   if jax.process_index() == 0:
-    atomic.write_bytes(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True).encode())
+    atomic.write_bytes(layout.Workdir(workdir).config_json,
+                       config.to_json_best_effort(indent=2, sort_keys=True).encode())
 
 
 def _run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
@@ -70,7 +72,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dic
     return {config.stage: run_stage(config, workdir, config.stage)}
   out = {}
   for stage in ORDER:
-    sdir = workdir / stage
+    sdir = layout.Workdir(workdir).stage_dir(stage)
     if loop.is_complete(sdir):
       print(f"[{stage}] already complete ({sdir / loop.SUMMARY}); skipping", flush=True)
       out[stage] = loop.read_summary(sdir)

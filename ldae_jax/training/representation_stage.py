@@ -20,14 +20,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ldae_jax.data import shards
+from ldae_jax.data import latents, shards
 from ldae_jax.diffusion import code_use, losses
 from ldae_jax.diffusion.schedule import make_schedule
+from ldae_jax.training import checkpoint
 from ldae_jax.training import common
-from ldae_jax.training import ldm_stage
 from ldae_jax.training import state as st
+from ldae_jax.workdir import LDM, REPRESENTATION, Workdir
 
-NAME = "representation"
+NAME = REPRESENTATION
 HELDOUT_SCANS = 16  # validation scans the code-use gap is measured on at every log step
 HELDOUT_TIMESTEPS = (100, 250, 475, 700)
 SHIFT_TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("unet")))
@@ -35,16 +36,15 @@ SHIFT_TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("unet")))
 
 def load_frozen_unet(shift_unet: nnx.Module, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> int:
   """Copies the stage-2 EMA UNet into `shift_unet.unet`; returns the stage-2 step. Errors name path and fix."""
-  weights, step = ldm_stage.ema_unet_params(config, workdir)
   current = nnx.state(shift_unet.unet, nnx.Param)
-  want = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), nnx.to_pure_dict(current))
-  got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), weights)
-  if want != got:
-    raise ValueError(f"stage-2 EMA UNet in {workdir}/ldm/checkpoints does not match the ShiftUNet's UNet built "
-                     "from config.unet; use the config stage 2 was trained with, or retrain stage 2.")
-  nnx.replace_by_pure_dict(current, weights)
+  w = checkpoint.restore_ema_weights(
+      Workdir(workdir).checkpoints(LDM), nnx.to_pure_dict(current), what="stage-2 UNet weights",
+      missing_fix=(f"train stage 2 first (python train.py --config ... --workdir {workdir} --config.stage=ldm) or "
+                   "point --workdir at a run that has it"),
+      mismatch_fix="use the config (config.unet / config.autoencoder) stage 2 was trained with, or retrain stage 2")
+  nnx.replace_by_pure_dict(current, w.params)
   nnx.update(shift_unet.unet, current)
-  return step
+  return w.step
 
 
 def init_backbone(encoder: nnx.Module, path: str) -> None:
@@ -133,13 +133,14 @@ def make_heldout_code_use_fn(s_def, s_rngs, e_def, e_rngs, sched, scale: float, 
 def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> common.StageSpec:
   from ldae_jax.models import build_encoder, build_shift_unet  # pylint: disable=g-import-not-at-top
   cfg = config.train.representation
-  sdir = ldm_stage.shard_dir(workdir)
+  wd = Workdir(workdir)
+  sdir = wd.shards("train")
   meta = shards.read_metadata(sdir)
   if "image" not in meta["fields"]:
     raise ValueError(f"{sdir} holds no images (config.train.latents_store_images was off); stage 3 needs the "
                      "image beside each latent: rerun the `latents` stage with it on.")
-  shape = ldm_stage.check_latent_shape(config, meta, str(sdir))
-  scale = ldm_stage.scale_factor(config, meta, str(sdir))
+  shape = latents.check_latent_shape(config, meta, str(sdir))
+  scale = latents.scale_factor(config, meta, str(sdir))
   shift_unet = build_shift_unet(config, nnx.Rngs(params=config.seed + 10, dropout=config.seed + 11))
   ldm_step = load_frozen_unet(shift_unet, config, workdir)
   encoder = build_encoder(config, nnx.Rngs(params=config.seed + 12, dropout=config.seed + 13))
@@ -159,7 +160,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
                                 drop_remainder=True, fields=("mu", "image"), num_workers=int(config.data.num_workers))
 
   image_shape = (gbs,) + tuple(config.data.image_shape) + (1,)
-  val = ldm_stage.heldout_latents(workdir, HELDOUT_SCANS, fields=("mu", "image", "subject"))
+  val = latents.heldout_records(wd.shards("val"), HELDOUT_SCANS, fields=("mu", "image", "subject"))
   if val is not None and len(np.unique(val["subject"])) < 2:
     val = None
   heldout = None if val is None else make_heldout_code_use_fn(s_def, s_rngs, e_def, e_rngs, sched, scale, val)

@@ -8,6 +8,7 @@ without knowing about NNX, and that `param_shardings` can place leaf by leaf.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -49,6 +50,18 @@ def split_model(module: nnx.Module, trainable: Any = nnx.Param):
   """
   graphdef, params, rngs, rest = nnx.split(module, trainable, nnx.RngState, ...)
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rngs), nnx.to_pure_dict(rest)
+
+
+def abstract_model(build: Callable[[], nnx.Module], trainable: Any = nnx.Param):
+  """`split_model` of the module `build()` makes, without initialising its weights: restore targets.
+
+  Returns (graphdef, params, rngs, rest) with params and rest as ShapeDtypeStructs (`nnx.eval_shape`). The RNG
+  streams are real arrays: a merged module needs them and no checkpoint holds them. They are the values a real
+  `build()` gives, computed by a jit whose only outputs are the streams, so XLA drops the weight initialisers.
+  """
+  graphdef, params, _, rest = split_model(nnx.eval_shape(build), trainable)
+  rngs = jax.jit(lambda: split_model(build(), trainable)[2])()
+  return graphdef, params, rngs, rest
 
 
 def merge_model(graphdef, params: PyTree, rngs: PyTree, rest: PyTree) -> nnx.Module:

@@ -16,6 +16,7 @@ import numpy as np
 
 from ldae_jax.data import manifest as mf
 from ldae_jax.parallel import distributed
+from ldae_jax.workdir import Workdir
 
 # Below this many bytes the preprocessed volumes are decoded once and kept in memory (a small cohort on a CPU
 # would otherwise spend most of each step re-reading NIfTI files).
@@ -31,9 +32,10 @@ def manifest_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
       raise FileNotFoundError(f"config.data.manifest={str(path)!r} does not exist; give the CSV path, or leave "
                               "it empty to generate the synthetic cohort into <workdir>/cohort.")
     return path
-  out = pathlib.Path(workdir) / "cohort"
+  wd = Workdir(workdir)
+  out = wd.cohort
   wanted = synthetic_cohort_args(config)
-  existing, meta_path = out / "manifest.csv", out / "cohort.json"
+  existing, meta_path = wd.cohort_manifest, wd.cohort_json
   if existing.is_file() and meta_path.is_file():
     check_cohort_matches(meta_path, wanted)  # every process: a mismatch fails everywhere, not at the barrier
   elif jax.process_index() == 0:
@@ -78,9 +80,6 @@ def check_cohort_matches(meta_path: pathlib.Path, wanted: dict) -> None:
                      + "; ".join(diffs) + "). Use a new --workdir (the stages trained on the old cohort live in "
                      f"this one), or delete {meta_path.parent} to regenerate it here, or set the config back.")
 
-SPLITS_FILE = "splits.json"
-
-
 def splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, list[mf.ScanRecord]]:
   """{train, val, test} scan records of the run's manifest, split by subject with `config.data.split_seed`.
 
@@ -92,7 +91,7 @@ def splits(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dic
   out = mf.split_by_subject(records, val_fraction=float(config.data.val_fraction),
                             test_fraction=float(config.data.test_fraction), seed=int(config.data.split_seed))
   now = split_table(out)
-  path = pathlib.Path(workdir) / SPLITS_FILE
+  path = Workdir(workdir).splits_json
   if path.is_file():
     check_split_unchanged(json.loads(path.read_text()), now, path)
   elif jax.process_index() == 0:
