@@ -1,4 +1,4 @@
-"""Whole LDAE pipeline on a small synthetic cohort, sized for a 2-core CPU (training ~16 min, evaluation ~5 min).
+"""Whole LDAE pipeline on a small synthetic cohort, sized for a 2-core CPU (~35 min training, ~6 min evaluation).
 
 576 synthetic subjects (~2,000 scans) resampled to 6 mm (32x40x32), with the age/disease atrophy exaggerated 3x
 so that it spans whole voxels; the autoencoder downsamples x4 (latent 8x10x8x3); the UNet and the ConvNeXt
@@ -9,11 +9,12 @@ need (docs/fidelity.md, "Making the decoder use the code"): the autoencoder trai
 steps reached SSIM 0.71); stage 2 runs 1,000 steps with a cosine lr decay, since its held-out eps error
 was still falling 9 % over the last quarter of 500, and predicts v instead of the reference's eps (an eps-UNet
 this short-trained sends DDIM from noise 12x farther from the scans than the cohort mean; docs/fidelity.md,
-"The v-parameterisation"), with the x0 clamp at the data's range; stage 3 uses the template code norm (the reference's
-LayerNorm'd code collapses to a constant that the decoder ignores) with the encoder's dropout off, for 1,000
-steps, since the code-swap gap was still rising at 350. Variant `reference_code`: the reference's code and
-encoder dropout, everything else the same; `eps`: the reference's eps-prediction and [-1, 1] clamp in stage 2. The figures are a smoke test of the whole method, not the paper's
-numbers (measured results: README, "What the quickstart shows").
+"The v-parameterisation"), with the x0 clamp at the data's range; stage 3 uses the template code norm (the
+reference's LayerNorm'd code collapses to a constant that the decoder ignores) with the encoder's dropout off,
+for 1,000 steps, since its held-out code-swap gap was still rising (+12 % at 450, +28 % at 800, +30 % at 1,000).
+Variants: `reference_code`, the reference's code and encoder dropout; `eps`, the reference's eps-prediction and
+[-1, 1] clamp in stage 2; everything else the same. The figures are a smoke test of the whole method, not the
+paper's numbers (measured results: README, "What the quickstart shows").
 """
 
 from ldae_jax.config import default_config

@@ -104,3 +104,11 @@ def test_latent_unet_input_is_the_latent():
   c.unet.input_space = "pixels"
   with pytest.raises(ValueError, match="input_space"):
     validate(c)
+
+
+def test_quickstart_predicts_v_and_its_eps_variant_is_the_reference_stage2():
+  c, ref = load_config(str(CONFIGS / "quickstart.py")), load_config(str(CONFIGS / "quickstart.py") + ":eps")
+  assert (c.diffusion.prediction, c.diffusion.clamp_range) == ("v", 0.0)
+  assert (ref.diffusion.prediction, ref.diffusion.clamp_range) == ("eps", 1.0) == (
+      default_config().diffusion.prediction, default_config().diffusion.clamp_range)
+  assert load_config(str(CONFIGS / "paper.py")).diffusion.prediction == "eps"  # reference checkpoints are eps
