@@ -123,6 +123,15 @@ def test_probe_report_pieces(tmp_path):
         train["codes"], report._factor_table(truth, train["scan_id"], "train"), train["subject"], test["codes"],
         {k: rng.normal(size=20) for k in report.KNOWN_FACTORS}, test["subject"], n_folds=4)
   assert "| hippocampus_ml |" in report.probe_markdown(res)
+  latents = {"train": rng.normal(size=(40, 2, 3, 2, 1)), "test": rng.normal(size=(20, 2, 3, 2, 1))}
+  lat = report.latent_probe_inputs({"train": train, "test": test}, latents)
+  assert lat["train"]["codes"].shape == (40, 12) and lat["test"]["subject"] is test["subject"]
+  np.testing.assert_array_equal(lat["test"]["codes"][3], latents["test"][3].ravel())
+  res[report.LATENT_ROW] = probes.run_probes(lat["train"], lat["test"], n_folds=4)[0]
+  md = report.probe_markdown(res, "template")
+  assert md.count(f"| {report.LATENT_ROW} |") == 2 and "at best through this autoencoder" in md
+  with pytest.raises(ValueError, match="latent shards changed"):
+    report.latent_probe_inputs({"test": test}, {"test": latents["train"]})
   with pytest.raises(ValueError, match="ground_truth.csv"):
     report._factor_table(truth, test["scan_id"], "test")
   report._save_codes(tmp_path / "codes.npz", {"trained": {"train": train}})

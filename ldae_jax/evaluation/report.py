@@ -62,7 +62,14 @@ def probe_markdown(results: dict[str, dict], code_norm: str = "none") -> str:
   else:
     note = ("A trained spread far below the untrained encoder's means the encoder has collapsed towards a "
             "constant code: a probe may still read it, but decoding barely depends on it.")
+  if LATENT_ROW in results:
+    note += (f" The '{LATENT_ROW}' rows read the flattened autoencoder latent (the scan as stage 3 sees it) with the "
+             "same probes: what the code could carry at best through this autoencoder.")
   return md + f"\nCode spread (std across scans / RMS of the codes): {spread}. {note}\n"
+
+
+# The probe row of the flattened autoencoder latents (a reference point, not an encoder).
+LATENT_ROW = "AE latent"
 
 
 # Generative factors of the synthetic cohort (`cohort/ground_truth.csv`) whose linear read-out the report shows.
@@ -119,12 +126,23 @@ def _save_codes(path: pathlib.Path, codes: dict[str, dict[str, dict[str, np.ndar
   atomic.write_bytes(path, buf.getvalue())
 
 
+def latent_probe_inputs(probe_inputs: dict[str, dict], latents: dict[str, np.ndarray]) -> dict[str, dict]:
+  """The probes' inputs (labels, subjects) of each split with the codes replaced by the flattened latents."""
+  out = {}
+  for split, d in probe_inputs.items():
+    mu = np.asarray(latents[split])
+    if len(mu) != len(d["codes"]):
+      raise ValueError(f"{split}: {len(mu)} latents for {len(d['codes'])} codes; the latent shards changed.")
+    out[split] = dict(d, codes=mu.reshape(len(mu), -1))
+  return out
+
+
 def run_probe(config: ml_collections.ConfigDict, workdir: str, out: pathlib.Path,
               models: rec.LDAEModels | None = None) -> tuple[dict, dict]:
   """Probes on the trained EMA encoder's codes and, beside them, on an untrained encoder's codes."""
   m = models or rec.load_ldae(config, workdir)
   bs = int(config.eval.batch_size)
-  splits = {s: rec.read_split(workdir, s, fields=("image",)) for s in ("train", "test")}
+  splits = {s: rec.read_split(workdir, s, fields=("image", "mu")) for s in ("train", "test")}
   results, fitted, codes = {}, {}, {}
   rand_def, rand_state = rec.random_encoder(config)
   for name, (d, s) in {"trained": (m.enc_def, m.enc_state), "untrained": (rand_def, rand_state)}.items():
@@ -137,10 +155,14 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str, out: pathlib.Path
     codes[name] = data
     results[name]["code_spread"] = probes.relative_spread(np.concatenate([data[s]["codes"] for s in data]))
   _save_codes(out / "codes.npz", codes)
+  # What a linear read-out of the autoencoder's latent itself reaches: the information stage 3 can compress into
+  # a code at best, so a trained code near it is limited by the autoencoder, not by the encoder.
+  latent = latent_probe_inputs(codes["trained"], {split: v["mu"] for split, v in splits.items()})
+  results[LATENT_ROW], _ = probes.run_probes(latent["train"], latent["test"], seed=int(config.seed))
   truth = _ground_truth(config, workdir)
   if truth is not None:
     tr, te = (_factor_table(truth, splits[s]["scan_id"], s) for s in ("train", "test"))
-    for name, data in codes.items():
+    for name, data in {**codes, LATENT_ROW: latent}.items():
       results[name]["known_factors"] = probes.factor_recovery(
           data["train"]["codes"], tr, data["train"]["subject"], data["test"]["codes"], te, data["test"]["subject"],
           seed=int(config.seed))
@@ -283,7 +305,7 @@ def run_report(config, workdir: str) -> pathlib.Path:
   sections["device"] = str(jax.devices()[0])
   _write_json(out / "report.json", sections)
   md = ["# LDAE evaluation report", f"config `{config.name}`, workdir `{workdir}`, {sections['device']}", "",
-        "## Linear probes (codes of the EMA encoder vs an untrained encoder)",
+        "## Linear probes (codes of the EMA encoder vs an untrained encoder, and the AE latent itself)",
         probe_markdown(probe_res, str(config.encoder.code_norm))]
   if "loss" in sections.get("code_use", {}):
     from ldae_jax.evaluation import code_use
