@@ -139,7 +139,7 @@ def latent_probe_inputs(probe_inputs: dict[str, dict], latents: dict[str, np.nda
 
 def run_probe(config: ml_collections.ConfigDict, workdir: str, out: pathlib.Path,
               models: rec.LDAEModels | None = None) -> tuple[dict, dict]:
-  """Probes on the trained EMA encoder's codes and, beside them, on an untrained encoder's codes."""
+  """Probes on the trained EMA encoder's codes and, beside them, on an untrained encoder's codes and the AE latents."""
   m = models or rec.load_ldae(config, workdir)
   bs = int(config.eval.batch_size)
   splits = {s: rec.read_split(workdir, s, fields=("image", "mu")) for s in ("train", "test")}
