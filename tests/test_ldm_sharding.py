@@ -1,7 +1,8 @@
 """The real stage-2 step (`ldm_stage.make_step`: UNet eps loss with dropout, clip, Adam, EMA) gives the same
-losses on 8 simulated devices - data parallel, and data x FSDP with sharded parameters, optimizer state and
-EMA - as on 1 device for the same global batch. Each device count runs in its own interpreter
-(`--xla_force_host_platform_device_count` is read when the backend starts)."""
+losses on 8 simulated devices - data x FSDP (2 x 4) with sharded parameters, optimizer state and EMA - as on a
+1-device mesh for the same global batch. One interpreter with 8 host devices runs both meshes
+(`--xla_force_host_platform_device_count` is read when the backend starts); the 1-device mesh uses the first
+device only."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ out = {}
 for layout in sys.argv[1].split(","):
   data, fsdp, mode = layout.split(":")
   c.mesh.data, c.mesh.fsdp, c.mesh.param_sharding, c.mesh.fsdp_min_size = int(data), int(fsdp), mode, 64
-  mesh = pmesh.make_mesh(c.mesh)
+  mesh = pmesh.make_mesh(c.mesh, jax.devices()[:int(data) * int(fsdp)])
   graphdef, params, rngs, rest = st.split_model(build_unet(c, nnx.Rngs(params=0, dropout=1)))
   tx = st.make_optimizer(c.train.ldm)
   state = st.create_state(params, rest, tx, seed=5, with_ema=True)
@@ -55,7 +56,8 @@ for layout in sys.argv[1].split(","):
     state, m = jitted(state, pmesh.global_batch_from_local(batch, batch_sh))
     losses.append(float(m["loss"]))
   kernel = state.params["output_blocks"][0][0]["in_layers_2"]["kernel"]
-  out[layout] = {"losses": losses, "ema_sum": float(sum(jnp.sum(x) for x in jax.tree.leaves(state.ema))),
+  out[layout] = {"losses": losses, "devices": int(mesh.devices.size),
+                 "ema_sum": float(sum(jnp.sum(x) for x in jax.tree.leaves(state.ema))),
                  "kernel_shards": len(kernel.addressable_shards) if mode == "fsdp" else 0,
                  "kernel_shard_shape": list(kernel.addressable_shards[0].data.shape)}
 print("RESULT " + json.dumps(out))
@@ -75,9 +77,11 @@ def _run(layouts: str, devices: int) -> dict:
 
 @pytest.mark.slow
 def test_ldm_step_on_8_devices_matches_1_device():
-  one = _run("1:1:replicate", 1)["1:1:replicate"]
-  eight = _run("8:1:replicate,2:4:fsdp", 8)
+  runs = _run("1:1:replicate,2:4:fsdp", 8)
+  one = runs.pop("1:1:replicate")
+  eight = runs
   assert all(np.isfinite(one["losses"]))
+  assert one["devices"] == 1 and eight["2:4:fsdp"]["devices"] == 8
   for layout, r in eight.items():
     np.testing.assert_allclose(r["losses"], one["losses"], rtol=RTOL, err_msg=layout)
     np.testing.assert_allclose(r["ema_sum"], one["ema_sum"], rtol=RTOL, err_msg=layout)

@@ -110,7 +110,7 @@ def test_remat_same_values_and_gradients():
   assert all(float(jnp.abs(a).sum()) > 0 for a in jax.tree.leaves(g1))
 
 
-def test_v_parameterisation_returns_eps_and_is_exact_on_the_v_target(model, fx):
+def test_v_parameterisation_returns_eps_and_is_exact_on_the_v_target(model, fx, eps32):
   """`config.diffusion.prediction="v"`: the head's v becomes eps = sqrt(1-abar) x_t + sqrt(abar) v, so a head
   that outputs the true v gives back exactly the noise; the ShiftUNet's frozen eps is the UNet's."""
   from ldae_jax.config import default_config
@@ -122,23 +122,28 @@ def test_v_parameterisation_returns_eps_and_is_exact_on_the_v_target(model, fx):
   c.diffusion.prediction = "v"
   coefs = v_coefs(c)
   sched = schedule_lib.make_schedule(c.diffusion)
-  vmodel = UNet(**TINY, v_coefs=coefs, rngs=nnx.Rngs(0))
+  # Built abstractly and given the converted reference weights: no random init, and every forward is one
+  # compiled program (eager calls would compile each op of the UNet separately).
+  vmodel = nnx.eval_shape(lambda: UNet(**TINY, v_coefs=coefs, rngs=nnx.Rngs(0)))
   nnx.update(vmodel, nnx.state(model, nnx.Param))  # same weights as the converted reference UNet
+  vmodel = materialize_rng_state(vmodel)
   x = ndhwc(fx["in/x"])
   t = jnp.asarray(fx["in/t"])
-  raw = vmodel.raw(x, t)
-  np.testing.assert_allclose(raw, forward(model, x, t), **TOL)  # the head is the reference's
+  raw, eps_v = nnx.jit(lambda m, x, t: (m.raw(x, t), m(x, t)))(vmodel, x, t)
+  np.testing.assert_allclose(raw, eps32, **TOL)  # the head is the reference's
   a = np.sqrt(1.0 - np.asarray(sched.alphas_cumprod, np.float64))[np.asarray(t)][:, None, None, None, None]
-  np.testing.assert_allclose(vmodel(x, t), a * np.asarray(x) + np.sqrt(1 - a**2) * np.asarray(raw),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(eps_v, a * np.asarray(x) + np.sqrt(1 - a**2) * np.asarray(raw), rtol=1e-5, atol=1e-5)
   z0 = jax.random.normal(jax.random.key(1), x.shape)
   noise = jax.random.normal(jax.random.key(2), x.shape)
   x_t = losses.q_sample(sched, z0, t, noise)
   np.testing.assert_allclose(vmodel.to_eps(losses.v_target(sched, z0, t, noise), x_t, t), noise, atol=2e-5)
-  shift = ShiftUNet(**TINY, latent_dim=16, v_coefs=coefs, rngs=nnx.Rngs(0))
+  # The frozen branch gets the v-UNet's weights, the shift branch zeros: only the frozen eps is compared.
+  shift = nnx.eval_shape(lambda: ShiftUNet(**TINY, latent_dim=16, v_coefs=coefs, rngs=nnx.Rngs(0)))
+  nnx.update(shift, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), nnx.state(shift, nnx.Param)))
   nnx.update(shift.unet, nnx.state(vmodel, nnx.Param))
-  eps, _ = shift(x, t, jnp.zeros((x.shape[0], 16)))
-  np.testing.assert_allclose(eps, vmodel(x, t), rtol=1e-5, atol=1e-5)
+  shift = materialize_rng_state(shift)
+  eps, _ = nnx.jit(lambda m, x, t, y: m(x, t, y))(shift, x, t, jnp.zeros((x.shape[0], 16)))
+  np.testing.assert_allclose(eps, eps_v, rtol=1e-5, atol=1e-5)
   c.diffusion.prediction = "x0"
   with pytest.raises(ValueError, match="prediction"):
     v_coefs(c)
