@@ -53,7 +53,8 @@ ck.close()
 
 
 def _run(mode: str, path: str, n: int) -> str:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0 "  # as conftest.FAST_COMPILE_FLAG
+         f"--xla_force_host_platform_device_count={n}",
          "PYTHONPATH": str(REPO)}
   out = subprocess.run([sys.executable, "-c", SCRIPT, mode, path, str(n)], env=env, capture_output=True, text=True,
                        timeout=300)

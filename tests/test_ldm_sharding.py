@@ -66,7 +66,8 @@ print("RESULT " + json.dumps(out))
 
 def _run(layouts: str, devices: int) -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0 "  # as conftest.FAST_COMPILE_FLAG
+             f"--xla_force_host_platform_device_count={devices}",
              PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-c", SCRIPT, layouts], cwd=str(REPO), env=env, capture_output=True,
                         text=True, timeout=600)

@@ -27,7 +27,8 @@ _STRIP = ("XLA_FLAGS", "LDAE_COORDINATOR", "LDAE_NUM_PROCESSES", "LDAE_PROCESS_I
 
 def _env(devices: int, extra: dict[str, str] | None = None) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k not in _STRIP}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0 "  # as conftest.FAST_COMPILE_FLAG
+             f"--xla_force_host_platform_device_count={devices}",
              PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
   env.update(extra or {})
   return env
