@@ -12,6 +12,8 @@ expected to read above it linearly, whatever the networks.
       --config.data.synthetic.seed=1 --config.seed=1
 
 The cohort is generated into WORKDIR/cohort when it is not there (about a minute); nothing else is trained.
+When WORKDIR has latents (`train.py --config.stage=autoencoder`, then `latents`), the "AE latent" row is added,
+so that an autoencoder variant can be judged by what its latent carries before stages 2 and 3 are trained.
 Prints one line per input and writes WORKDIR/probe_ceiling.json.
 """
 
@@ -36,10 +38,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ldae_jax.data import atomic  # pylint: disable=g-import-not-at-top
+  from ldae_jax.data import atomic, shards  # pylint: disable=g-import-not-at-top
   from ldae_jax.evaluation import probes  # pylint: disable=g-import-not-at-top
   from ldae_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   from ldae_jax.training import volumes  # pylint: disable=g-import-not-at-top
+  from ldae_jax.workdir import Workdir  # pylint: disable=g-import-not-at-top
 
   config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
   t0 = time.perf_counter()
@@ -56,6 +59,13 @@ def main(argv):
       table = report._factor_table(truth, [r.scan_id for r in recs], split)  # pylint: disable=protected-access
       inputs.setdefault("generating volumes", {})[split] = dict(
           base, codes=np.stack([table[k] for k in sorted(table)], axis=1))
+  wd = Workdir(workdir)
+  if all(wd.shards(split).is_dir() for split in ("train", "test")):  # stage 1 and the latents stage have run
+    for split in ("train", "test"):
+      recs = shards.read_all(wd.shards(split), ("mu", "diagnosis", "age", "subject"))
+      inputs.setdefault("AE latent", {})[split] = {
+          "codes": recs["mu"].reshape(len(recs["mu"]), -1), "diagnosis": [str(d) for d in recs["diagnosis"]],
+          "age": recs["age"], "subject": [str(x) for x in recs["subject"]]}
   print(f"loaded {sum(len(split_records[s]) for s in ('train', 'test'))} scans at "
         f"{tuple(config.data.image_shape)} in {time.perf_counter() - t0:.0f} s", flush=True)
   results = {}
