@@ -21,6 +21,9 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 if FAST_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
+# For the few tests that run a network many times (DDIM loops), execution outweighs compilation at -O0:
+# `jax.jit(..., compiler_options=OPTIMIZED)` compiles them at XLA's default level.
+OPTIMIZED = {"xla_backend_optimization_level": 2}
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

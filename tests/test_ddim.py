@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import OPTIMIZED
 from ldae_jax.config import default_config
 from ldae_jax.diffusion import ddim, schedule
 
@@ -257,7 +259,7 @@ def test_unet_ddim10_end_to_end(tiny_unet, ddim10, load_fixture):
   f = load_fixture("ddim_tiny")
   graphdef, state = nnx.split(tiny_unet)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=OPTIMIZED)
   def loops(state, x_T, x_0):
     net = nnx.merge(graphdef, state)
     fn = lambda x, t: net(x, t)  # noqa: E731
@@ -277,7 +279,7 @@ def test_shift_unet_ddim10_end_to_end(tiny_shift_unet, ddim10, load_fixture):
   f = load_fixture("ddim_tiny")
   graphdef, state = nnx.split(tiny_shift_unet)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=OPTIMIZED)
   def loops(state, x_T, x_0, y):
     net = nnx.merge(graphdef, state)
     enc = ddim.encode(lambda x, t: net(x, t, y), x_0, ddim10, shifted=True)
