@@ -310,7 +310,7 @@ class Bench:
                                     steps=steps, emb_dim=emb)
           + throughput.autoencoder_workloads(self.config, batch=b)
           + throughput.ddim_workloads(dae, label="dae", spatial=tuple(dae.data.image_shape),
-                                      channels=int(dae.unet.in_channels), batch=b, steps=steps, emb_dim=emb))
+                                      channels=int(cfglib.unet_input_shape(dae)[-1]), batch=b, steps=steps, emb_dim=emb))
     measured = {}
     for w in ws:
       # XLA's FLOPs (of one network call x steps; the AE pass's own): on GPU they miss the cuDNN convolutions

@@ -19,7 +19,6 @@ def get_config(variant: str = ""):
   known = ("", "bf16", "small", "small_bf16")
   if variant not in known:
     raise ValueError(f"configs/dae_image_space.py: unknown variant {variant!r} (known: {known[1:]})")
-  c.unet.in_channels = 1
   c.unet.input_space = "image"
   if variant.startswith("small"):
     c.name = "dae_image_space_small"

@@ -62,7 +62,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.discriminator.in_channels = 1
 
   c.unet = ml_collections.ConfigDict()
-  c.unet.in_channels = 3
   # What the UNet denoises: "latent" (LDAE: the autoencoder's latent) or "image" (an image-space DAE baseline).
   c.unet.input_space = "latent"
   c.unet.base_channels = 256
@@ -279,9 +278,12 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]
 
 
 def unet_input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
-  """(X, Y, Z, C) of what the UNet denoises: the latent, or for `unet.input_space="image"` the image itself."""
+  """(X, Y, Z, C) of what the UNet denoises: the latent, or for `unet.input_space="image"` the image itself.
+
+  The channel count follows from what is denoised (`autoencoder.latent_channels`, or the image's
+  `autoencoder.in_channels`), so it is not a UNet option of its own that could disagree with the data."""
   if config.unet.input_space == "image":
-    return (*config.data.image_shape, config.unet.in_channels)
+    return (*config.data.image_shape, config.autoencoder.in_channels)
   return latent_shape(config)
 
 

@@ -101,6 +101,12 @@ def test_latent_unet_input_is_the_latent():
   from ldae_jax.config import unet_input_shape
   c = load_config(str(CONFIGS / "quickstart.py"))
   assert unet_input_shape(c) == latent_shape(c) == (8, 10, 8, 3)
+  # The UNet's channels follow the latent's: a wider latent needs no second flag that could disagree with it.
+  from ldae_jax.models.unet import unet_kwargs
+  c.autoencoder.latent_channels = 8
+  assert unet_kwargs(c)["in_channels"] == 8 and "in_channels" not in c.unet
+  c.unet.input_space = "image"
+  assert unet_kwargs(c)["in_channels"] == c.autoencoder.in_channels == 1
   c.unet.input_space = "pixels"
   with pytest.raises(ValueError, match="input_space"):
     validate(c)

@@ -177,9 +177,11 @@ class UNet(nnx.Module):
 
 
 def unet_kwargs(config: ml_collections.ConfigDict) -> dict:
-  """UNet constructor arguments from `config.unet`, `config.compute_dtype`, `config.remat`."""
+  """UNet constructor arguments from `config.unet`, `config.compute_dtype`, `config.remat`; the channels are
+  those of what it denoises (`ldae_jax.config.unet_input_shape`)."""
+  from ldae_jax.config import unet_input_shape  # pylint: disable=g-import-not-at-top
   u = config.unet
-  return dict(in_channels=u.in_channels, base_channels=u.base_channels, channel_mult=tuple(u.channel_mult),
+  return dict(in_channels=unet_input_shape(config)[-1], base_channels=u.base_channels, channel_mult=tuple(u.channel_mult),
               num_res_blocks=u.num_res_blocks, attention_resolutions=tuple(u.attention_resolutions),
               num_heads=u.num_heads, dropout=u.dropout, norm_groups=u.norm_groups,
               dtype=dtype_from_name(config.compute_dtype), remat=bool(config.remat), v_coefs=v_coefs(config))
