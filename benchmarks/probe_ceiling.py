@@ -40,14 +40,14 @@ def main(argv):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ldae_jax.data import atomic, shards  # pylint: disable=g-import-not-at-top
   from ldae_jax.evaluation import probes  # pylint: disable=g-import-not-at-top
-  from ldae_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  from ldae_jax.evaluation import known_factors  # pylint: disable=g-import-not-at-top
   from ldae_jax.training import volumes  # pylint: disable=g-import-not-at-top
   from ldae_jax.workdir import Workdir  # pylint: disable=g-import-not-at-top
 
   config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
   t0 = time.perf_counter()
   split_records = volumes.splits(config, workdir)
-  truth = report._ground_truth(config, workdir)  # pylint: disable=protected-access
+  truth = known_factors.read(config, workdir)
   inputs = {}
   for split in ("train", "test"):
     recs = split_records[split]
@@ -56,7 +56,7 @@ def main(argv):
             "subject": [r.subject for r in recs]}
     inputs.setdefault("image voxels", {})[split] = dict(base, codes=images)
     if truth is not None:
-      table = report._factor_table(truth, [r.scan_id for r in recs], split)  # pylint: disable=protected-access
+      table = known_factors.table(truth, [r.scan_id for r in recs], split)
       inputs.setdefault("generating volumes", {})[split] = dict(
           base, codes=np.stack([table[k] for k in sorted(table)], axis=1))
   wd = Workdir(workdir)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import quickstart
-from ldae_jax.evaluation import figures, interpolation, metrics, report
+from ldae_jax.evaluation import figures, interpolation, known_factors, metrics, report
 from ldae_jax.evaluation import reconstruction as rec
 
 
@@ -117,11 +117,11 @@ def test_probe_report_pieces(tmp_path):
   assert md.count("| trained |") == 2 and "Code spread" in md and "known factor" not in md
   assert "collapsed" in md and "collapsed" not in report.probe_markdown(res, "template")
   assert "code-use section" in report.probe_markdown(res, "template")
-  truth = {s: {k: 1.0 for k in report.KNOWN_FACTORS} for s in train["scan_id"]}
+  truth = {s: {k: 1.0 for k in known_factors.SYNTHETIC} for s in train["scan_id"]}
   for name in res:
     res[name]["known_factors"] = probes.factor_recovery(
-        train["codes"], report._factor_table(truth, train["scan_id"], "train"), train["subject"], test["codes"],
-        {k: rng.normal(size=20) for k in report.KNOWN_FACTORS}, test["subject"], n_folds=4)
+        train["codes"], known_factors.table(truth, train["scan_id"], "train"), train["subject"], test["codes"],
+        {k: rng.normal(size=20) for k in known_factors.SYNTHETIC}, test["subject"], n_folds=4)
   assert "| hippocampus_ml |" in report.probe_markdown(res)
   latents = {"train": rng.normal(size=(40, 2, 3, 2, 1)), "test": rng.normal(size=(20, 2, 3, 2, 1))}
   lat = report.latent_probe_inputs({"train": train, "test": test}, latents)
@@ -133,7 +133,7 @@ def test_probe_report_pieces(tmp_path):
   with pytest.raises(ValueError, match="latent shards changed"):
     report.latent_probe_inputs({"test": test}, {"test": latents["train"]})
   with pytest.raises(ValueError, match="ground_truth.csv"):
-    report._factor_table(truth, test["scan_id"], "test")
+    known_factors.table(truth, test["scan_id"], "test")
   report._save_codes(tmp_path / "codes.npz", {"trained": {"train": train}})
   with np.load(tmp_path / "codes.npz") as z:
     np.testing.assert_array_equal(z["trained/train/codes"], train["codes"])
@@ -174,24 +174,6 @@ def test_interpolation_scores_model_free_baselines_the_same_way(tiny):
   assert o["nearest_ssim_vs_image"] == pytest.approx(float(nearest[0]), abs=1e-5)
   assert o["average_ssim_vs_image"] == pytest.approx(float(average[0]), abs=1e-5)
   assert {"ssim_vs_ae", "nearest_ssim_vs_ae", "average_mse_vs_ae"} <= set(o)
-
-
-def test_known_factors_come_from_named_manifest_columns(tmp_path):
-  c = micro_config()
-  for i in range(3):
-    (tmp_path / f"s{i}.nii.gz").write_bytes(b"")
-  (tmp_path / "m.csv").write_text("subject,path,diagnosis,age,icv_ml\n" + "".join(
-      f"s{i},s{i}.nii.gz,CN,70,{1400 + i}\n" for i in range(3)))
-  c.data.manifest = str(tmp_path / "m.csv")
-  assert report._ground_truth(c, tmp_path) is None  # no column asked for
-  c.eval.known_factors = ("icv_ml",)
-  truth = report._ground_truth(c, tmp_path)
-  assert sorted(v["icv_ml"] for v in truth.values()) == [1400.0, 1401.0, 1402.0]
-  table = report._factor_table(truth, list(truth), "test")
-  assert list(table) == ["icv_ml"]
-  c.eval.known_factors = ("icv_ml", "gm_ml")
-  with pytest.raises(ValueError, match=r"no column \['gm_ml'\]"):
-    report._ground_truth(c, tmp_path)
 
 
 def test_load_ldae_restores_the_ema_weights_of_stages_1_and_3(tmp_path):

@@ -7,7 +7,6 @@ report.md, report.json, PNG figures and NIfTI volumes of generated scans.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import io
 import json
@@ -19,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from ldae_jax.data import atomic
-from ldae_jax.evaluation import checks, figures, probes, reconstruction as rec, throughput
+from ldae_jax.evaluation import checks, figures, known_factors, probes, reconstruction as rec, throughput
 from ldae_jax.workdir import Workdir
 
 
@@ -72,50 +71,6 @@ def probe_markdown(results: dict[str, dict], code_norm: str = "none") -> str:
 LATENT_ROW = "AE latent"
 
 
-# Generative factors of the synthetic cohort (`cohort/ground_truth.csv`) whose linear read-out the report shows.
-KNOWN_FACTORS = ("hippocampus_ml", "ventricle_ml", "gm_ml", "icv_ml")
-
-
-def _ground_truth(config, workdir) -> dict[str, dict[str, float]] | None:
-  """{scan_id: {factor: value}}: the synthetic cohort's generative factors, or for a user manifest the numeric
-  columns named in `config.eval.known_factors` (e.g. regional volumes); None when there are none."""
-  if config.data.manifest:
-    names = tuple(config.eval.known_factors)
-    if not names:
-      return None
-    from ldae_jax.data import manifest as mf
-    path = pathlib.Path(config.data.manifest)
-    with open(path, newline="") as f:
-      rows = list(csv.DictReader(f))
-    missing = [n for n in names if rows and n not in rows[0]]
-    if missing:
-      raise ValueError(f"{path}: no column {missing} (config.eval.known_factors={names}); add the columns or "
-                       "drop them from config.eval.known_factors.")
-    records = mf.read_manifest(path, classes=tuple(config.data.classes))
-    out = {}
-    for rec_, row in zip(records, rows):
-      try:
-        out[rec_.scan_id] = {n: float(row[n]) for n in names}
-      except ValueError as e:
-        raise ValueError(f"{path}: scan {rec_.scan_id} has a non-numeric known factor ({e}).") from e
-    return out
-  path = Workdir(workdir).ground_truth_csv
-  if not path.is_file():
-    return None
-  with open(path, newline="") as f:
-    return {row["scan_id"]: {k: float(row[k]) for k in KNOWN_FACTORS} for row in csv.DictReader(f)}
-
-
-def _factor_table(truth, scan_ids, split) -> dict[str, np.ndarray]:
-  missing = [str(s) for s in scan_ids if str(s) not in truth]
-  if missing:
-    raise ValueError(f"{len(missing)} {split} scan(s) (e.g. {missing[:2]}) have no known factors (the cohort's "
-                     "ground_truth.csv or the manifest): the shards and the manifest disagree; rerun the latents "
-                     "stage.")
-  names = next(iter(truth.values())).keys()
-  return {k: np.array([truth[str(s)][k] for s in scan_ids]) for k in names}
-
-
 def _save_codes(path: pathlib.Path, codes: dict[str, dict[str, dict[str, np.ndarray]]]) -> None:
   """`codes.npz`: `<encoder>/<split>/<field>` arrays (codes, diagnosis, age, subject, scan_id), for analyses
   of one's own."""
@@ -159,9 +114,9 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str, out: pathlib.Path
   # a code at best, so a trained code near it is limited by the autoencoder, not by the encoder.
   latent = latent_probe_inputs(codes["trained"], {split: v["mu"] for split, v in splits.items()})
   results[LATENT_ROW], _ = probes.run_probes(latent["train"], latent["test"], seed=int(config.seed))
-  truth = _ground_truth(config, workdir)
+  truth = known_factors.read(config, workdir)
   if truth is not None:
-    tr, te = (_factor_table(truth, splits[s]["scan_id"], s) for s in ("train", "test"))
+    tr, te = (known_factors.table(truth, splits[s]["scan_id"], s) for s in ("train", "test"))
     for name, data in {**codes, LATENT_ROW: latent}.items():
       results[name]["known_factors"] = probes.factor_recovery(
           data["train"]["codes"], tr, data["train"]["subject"], data["test"]["codes"], te, data["test"]["subject"],
