@@ -20,23 +20,12 @@ from typing import Any
 import jax
 
 from ldae_jax import progress
+from ldae_jax.data import atomic
 from ldae_jax import workdir as layout
 from ldae_jax.training.checkpoint import Checkpointer
 
 PyTree = Any
 SUMMARY = layout.SUMMARY  # the file names inside a stage folder are the layout's (ldae_jax.workdir)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON through a temporary file + rename so readers never see a partial file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def is_complete(stage_dir: str | os.PathLike) -> bool:
@@ -176,7 +165,7 @@ def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyT
 def finish_stage(stage_dir: str | os.PathLike, summary: dict[str, Any]) -> None:
   """Writes summary.json (last, atomically) and prints the one-line summary."""
   if jax.process_index() == 0:
-    write_json_atomic(pathlib.Path(stage_dir) / SUMMARY, summary)
+    atomic.write_bytes(pathlib.Path(stage_dir) / SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode())
   loss = summary.get("final_loss")
   sps = summary.get("samples_per_s")
   line = (f"[{summary['stage']}] done: {summary.get('steps')} steps, final loss "

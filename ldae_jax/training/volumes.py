@@ -14,6 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldae_jax.data import grain_pipeline
 from ldae_jax.data import manifest as mf
 from ldae_jax.parallel import distributed
 from ldae_jax.workdir import Workdir
@@ -179,24 +180,16 @@ def make_iterator(records: Sequence[mf.ScanRecord], config: ml_collections.Confi
                   seed: int) -> Any:
   """Shuffled, repeated grain iterator of process-local volume batches (get_state/set_state for resuming).
 
-  Same scheme as the latent shards: one global seeded shuffle per epoch, then each process takes every
-  process_count-th element, so processes read disjoint scans; `config.data.num_workers` > 0 reads them in
-  that many grain worker processes (the same batches in the same order).
+  The latent shards' pipeline (`grain_pipeline.batched`): one global seeded shuffle per epoch, then each process
+  takes every process_count-th element, so processes read disjoint scans; `config.data.num_workers` > 0 reads
+  them in that many grain worker processes (the same batches in the same order).
   """
-  import grain  # pylint: disable=g-import-not-at-top
   if not records:
     raise ValueError("the training split is empty: check config.data.manifest and config.data.test_fraction / "
                      "val_fraction.")
-  pc, pi = jax.process_count(), jax.process_index()
-  if global_batch_size % pc:
+  if global_batch_size % jax.process_count():
     raise ValueError(f"global batch {global_batch_size} (config.train.autoencoder.batch_size x grad_accum) must "
-                     f"be a multiple of the {pc} processes.")
-  ds = grain.MapDataset.source(VolumeSource(records, config)).seed(seed).shuffle().repeat()
-  ds = ds[pi::pc].batch(global_batch_size // pc, drop_remainder=True)
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-  workers = int(config.data.num_workers)
-  if workers > 0:  # worker processes decode the NIfTI files of a cohort too large to preload
-    from ldae_jax.data.shards import ensure_absl_flags_parsed  # pylint: disable=g-import-not-at-top
-    ensure_absl_flags_parsed()  # grain's worker processes read its absl flags
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
-  return iter(it_ds)
+                     f"be a multiple of the {jax.process_count()} processes.")
+  # Worker processes decode the NIfTI files of a cohort too large to preload.
+  return iter(grain_pipeline.batched(VolumeSource(records, config), global_batch_size=global_batch_size,
+                                     seed=seed, num_workers=int(config.data.num_workers)))

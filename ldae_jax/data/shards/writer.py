@@ -1,0 +1,254 @@
+"""`ShardWriter`: records into ArrayRecord shards plus metadata.json, all or nothing (temp folder, then rename)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ldae_jax.data import atomic
+from ldae_jax.data.shards.record import (ALL_FIELDS, ARRAY_FIELDS, FORMAT_NAME, FORMAT_VERSION, IMAGE_ENCODINGS,
+                                         METADATA_FILE, RESERVED, SCALAR_FIELDS, SHARD_PATTERN, encode_record,
+                                         file_sha256)
+
+class _Moments:
+  """Streaming mean/std over all elements (float64 sums; exact enough for 1/std scale factors)."""
+
+  def __init__(self):
+    self.n, self.s, self.ss = 0, 0.0, 0.0
+
+  def add(self, a: np.ndarray) -> None:
+    a = a.astype(np.float64)
+    self.n += a.size
+    self.s += float(a.sum())
+    self.ss += float(np.square(a).sum())
+
+  def result(self) -> dict[str, float]:
+    mean = self.s / self.n
+    var = max(self.ss / self.n - mean * mean, 0.0)
+    return {"mean": mean, "std": math.sqrt(var), "count": self.n}
+
+
+class ShardWriter:
+  """Writes records into ArrayRecord shards plus `metadata.json`, all or nothing.
+
+  Everything goes to a hidden temporary folder beside `out_dir`; only a clean exit of the `with` block
+  moves it into place (an existing `out_dir` is replaced after the new one is complete). An exception inside
+  the block deletes the temporary folder and leaves any previous `out_dir` untouched.
+
+  Args:
+    out_dir: destination folder (e.g. `<workdir>/latents/shards`).
+    records_per_shard: records per `.array_record` file.
+    metadata: extra JSON-serialisable entries for metadata.json (e.g. `scale_factor`, `source_checkpoint`,
+      the config). Keys the writer owns (count, shards, fields, ...) are rejected. It stays editable as
+      `writer.metadata` until the block exits, so a scale factor computed from `writer.stats()` can be set.
+    image_encoding: how `image` is stored ("uint16", "float16", "float32"); see the module docstring.
+    compression: ArrayRecord compression option ("uncompressed", "zstd:1", "snappy", ...). "auto":
+      uncompressed for latents only (random floats do not compress; reads are 2x faster), zstd:1 when images
+      are stored (background voxels compress well).
+  """
+
+  def __init__(self, out_dir: str | os.PathLike, *, records_per_shard: int = 256,
+               metadata: Mapping[str, Any] | None = None, image_encoding: str = "uint16",
+               compression: str = "auto"):
+    if records_per_shard < 1:
+      raise ValueError(f"records_per_shard={records_per_shard}: must be >= 1.")
+    if image_encoding not in IMAGE_ENCODINGS:
+      raise ValueError(f"image_encoding={image_encoding!r}: must be one of {IMAGE_ENCODINGS}.")
+    metadata = dict(metadata or {})
+    bad = sorted(set(metadata) & set(RESERVED))
+    if bad:
+      raise ValueError(f"ShardWriter metadata keys {bad} are written by the writer itself; remove them.")
+    try:
+      json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"ShardWriter metadata must be JSON-serialisable without NaN/inf: {e}") from e
+    self.out_dir = pathlib.Path(out_dir)
+    self.records_per_shard = int(records_per_shard)
+    self.image_encoding = image_encoding
+    self.compression = compression
+    self.metadata: dict[str, Any] = {"scale_factor": None, "source_checkpoint": "", **metadata}
+    self._tmp: pathlib.Path | None = None
+    self._writer = None
+    self._shards: list[dict[str, Any]] = []
+    self._in_shard = 0
+    self._count = 0
+    self._fields: dict[str, Any] | None = None
+    self._scan_ids: set[str] = set()
+    self._moments = {"mu": _Moments(), "logvar": _Moments()}
+
+  # -- context manager
+  def __enter__(self) -> "ShardWriter":
+    self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    self._tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    self._tmp.mkdir()
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    try:
+      self._close_shard()
+      if exc_type is None:
+        self._finish()
+    finally:
+      if self._tmp is not None and self._tmp.exists():
+        shutil.rmtree(self._tmp, ignore_errors=True)
+      self._tmp = None
+
+  # -- public
+  @property
+  def count(self) -> int:
+    return self._count
+
+  def stats(self) -> dict[str, dict[str, float]]:
+    """Mean/std over every element of `mu` and `logvar` written so far (e.g. scale_factor = 1 / mu std)."""
+    if not self._count:
+      raise ValueError("ShardWriter.stats(): no records written yet.")
+    return {k: m.result() for k, m in self._moments.items()}
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    """Validates and appends one record (see the module docstring for the fields)."""
+    if self._tmp is None:
+      raise RuntimeError("ShardWriter.write() outside its `with` block.")
+    rec = self._check_record(record)
+    try:
+      data = encode_record(rec, self.image_encoding)  # validates the image range for uint16
+    except ValueError as e:
+      raise ValueError(f"ShardWriter.write (record {self._count}, scan_id={rec['scan_id']!r}): {e}") from e
+    if self._writer is None:
+      self._open_shard(has_image="image" in rec)
+    self._writer.write(data)
+    self._scan_ids.add(rec["scan_id"])
+    self._moments["mu"].add(rec["mu"])
+    self._moments["logvar"].add(rec["logvar"])
+    self._count += 1
+    self._in_shard += 1
+    if self._in_shard == self.records_per_shard:
+      self._close_shard()
+
+  # -- internals
+  def _check_record(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    where = f"ShardWriter.write (record {self._count}, scan_id={record.get('scan_id')!r})"
+    unknown = sorted(set(record) - set(ALL_FIELDS))
+    if unknown:
+      raise ValueError(f"{where}: unknown fields {unknown}; known fields are {list(ALL_FIELDS)}.")
+    rec: dict[str, Any] = {}
+    for name in ("mu", "logvar"):
+      if name not in record:
+        raise ValueError(f"{where}: missing required field {name!r}.")
+    for name in ARRAY_FIELDS:
+      if name not in record:
+        continue
+      a = np.asarray(record[name])
+      if a.dtype.kind != "f":
+        raise ValueError(f"{where}: field {name!r} has dtype {a.dtype}; a float array is expected.")
+      if a.ndim != 4:
+        raise ValueError(f"{where}: field {name!r} has shape {a.shape}; expected (X, Y, Z, C) without a "
+                         "batch axis (write one record per scan).")
+      rec[name] = a.astype(np.float32, copy=False)
+    if rec["mu"].shape != rec["logvar"].shape:
+      raise ValueError(f"{where}: mu {rec['mu'].shape} and logvar {rec['logvar'].shape} shapes differ.")
+    if "image" in rec and rec["image"].shape[-1] != 1:
+      raise ValueError(f"{where}: image shape {rec['image'].shape}: expected (X, Y, Z, 1).")
+    for name, (dtype, default) in SCALAR_FIELDS.items():
+      v = record.get(name, default)
+      if v is None:
+        raise ValueError(f"{where}: missing required field {name!r}.")
+      if dtype is np.str_:
+        if not isinstance(v, str):
+          raise ValueError(f"{where}: field {name!r}={v!r} must be a str.")
+      elif dtype is np.int32:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not -2**31 <= int(v) < 2**31:
+          raise ValueError(f"{where}: field {name!r}={v!r} must be an int32-range integer.")
+        v = int(v)
+      else:
+        try:
+          v = float(v)
+        except (TypeError, ValueError) as e:
+          raise ValueError(f"{where}: field {name!r}={v!r} must be a float (nan for unknown).") from e
+      rec[name] = v
+    if rec["scan_id"] in self._scan_ids:
+      raise ValueError(f"{where}: duplicate scan_id {rec['scan_id']!r}; scan ids must be unique.")
+    fields = {name: {"shape": list(rec[name].shape), "dtype": "float32"} for name in ARRAY_FIELDS
+              if name in rec}
+    if self._fields is None:
+      self._fields = fields
+    elif fields != self._fields:
+      raise ValueError(f"{where}: array fields {fields} differ from the first record's {self._fields}; "
+                       "all records of a shard folder share shapes and the set of stored arrays.")
+    return rec
+
+  def _open_shard(self, has_image: bool) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+    if self.compression == "auto":
+      self.compression = "zstd:1" if has_image else "uncompressed"
+    path = self._tmp / SHARD_PATTERN.format(len(self._shards))
+    # group_size:1 makes every record its own chunk: what random access (grain shuffling) needs.
+    self._writer = ArrayRecordWriter(str(path), f"group_size:1,{self.compression}")
+    self._shards.append({"file": path.name, "records": 0})
+    self._in_shard = 0
+
+  def _close_shard(self) -> None:
+    if self._writer is None:
+      return
+    self._writer.close()
+    self._writer = None
+    entry = self._shards[-1]
+    path = self._tmp / entry["file"]
+    entry["records"] = self._in_shard
+    entry["bytes"] = path.stat().st_size
+    entry["sha256"] = file_sha256(path)
+    with open(path, "rb") as f:
+      os.fsync(f.fileno())
+
+  def _finish(self) -> None:
+    bad = sorted(set(self.metadata) & set(RESERVED))
+    if bad:
+      raise ValueError(f"ShardWriter.metadata keys {bad} are written by the writer itself; remove them.")
+    if not self._count:
+      raise ValueError(f"ShardWriter({self.out_dir}): no records were written; refusing to create an empty "
+                       "shard folder.")
+    try:
+      json.dumps(self.metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"ShardWriter.metadata must be JSON-serialisable without NaN/inf: {e}") from e
+    fields = dict(self._fields)
+    if "image" in fields:
+      fields["image"]["stored_dtype"] = self.image_encoding
+    for name, (dtype, _) in SCALAR_FIELDS.items():
+      fields[name] = {"shape": [], "dtype": np.dtype(dtype).name if dtype is not np.str_ else "str"}
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "count": self._count,
+        "records_per_shard": self.records_per_shard,
+        "fields": fields,
+        "image_encoding": self.image_encoding if "image" in fields else None,
+        "compression": self.compression,
+        "stats": self.stats(),
+        "shards": self._shards,
+        **self.metadata,
+    }
+    with open(self._tmp / METADATA_FILE, "w") as f:
+      json.dump(meta, f, indent=1, allow_nan=False)
+      f.flush()
+      os.fsync(f.fileno())
+    atomic.fsync_dir(self._tmp)
+    old = None
+    if self.out_dir.exists():
+      old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+      os.rename(self.out_dir, old)
+    os.rename(self._tmp, self.out_dir)
+    atomic.fsync_dir(self.out_dir.parent)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+
+
