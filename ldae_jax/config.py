@@ -125,6 +125,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = -1
   c.distributed.process_id = -1
   c.distributed.initialize = "auto"  # "auto" | "always" | "never"
+  # How long a process waits for the others where one process's files are read by all (the synthetic cohort,
+  # the latent shards): past it, a process that died or hangs stops the run with an error instead of a hang.
+  c.distributed.barrier_timeout_s = 1800.0
 
   # ---------------------------------------------------------------- training, one block per stage
   def stage(batch, lr, steps, accum=1, ema=0.999, clip=1.0):
@@ -258,6 +261,7 @@ def _validate_ranges(config: ml_collections.ConfigDict) -> None:
   for field in ("atrophy_scale", "nuisance_scale"):
     _check(config, f"data.synthetic.{field}", non_negative, ">= 0")
   _check(config, "diffusion.timesteps", at_least_one, "an integer >= 1")
+  _check(config, "distributed.barrier_timeout_s", lambda v: v > 0, "> 0 seconds")
   _check(config, "diffusion.scale_factor", non_negative, ">= 0 (0 = computed at the latents stage)")
   _check(config, "diffusion.clamp_range", non_negative, ">= 0 (0 = the largest |scaled latent| of the train split)")
   _check(config, "encoder.code_norm", lambda v: v in ("none", "template"), "'none' (the reference) or 'template'")

@@ -8,7 +8,8 @@
     checkpoints/<step>/         orbax checkpoints of a trained stage (training.checkpoint)
     metrics.jsonl, events/      logged metrics and TensorBoard events (training.loop)
     summary.json                written last: its presence means "stage complete"
-  DIR/latents/shards/<split>/   the latent shards of train, val and test (training.latents_stage)
+  DIR/latents/shards/<split>/   the latent shards of train, val and test (training.latents_stage); while that
+                                stage runs, .<split>.part-<process>/ holds what each process encoded
   DIR/report/                   evaluation outputs; volumes/ holds example NIfTI files (evaluation.report)
 
 This module imports nothing from the project, so every layer (training, evaluation, CLIs, benchmarks) can use it.
@@ -99,6 +100,14 @@ class Workdir:
 
   def shards(self, split: str = "train") -> pathlib.Path:
     return self.shard_root / split
+
+  def shard_part(self, split: str, process: int) -> pathlib.Path:
+    """The shards one process writes before process 0 merges every part into `shards(split)`."""
+    return self.shard_root / f".{split}.part-{process:05d}"
+
+  def shard_parts(self, split: str) -> list[pathlib.Path]:
+    """Every part folder of `split` on disk, in process order (including stale ones of an earlier run)."""
+    return sorted(self.shard_root.glob(f".{split}.part-*")) if self.shard_root.is_dir() else []
 
   # ------------------------------------------------------------------------------------------ evaluation
   @property

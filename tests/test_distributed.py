@@ -108,3 +108,16 @@ def test_two_processes_match_one_process():
     for r in o["results"]:
       np.testing.assert_allclose(r["losses"], ref["losses"], rtol=harness.RTOL, err_msg=r["layout"])
       np.testing.assert_allclose(r["param_sq"], ref["param_sq"], rtol=harness.RTOL, err_msg=r["layout"])
+
+
+def test_a_dead_process_stops_the_others_at_the_barrier_with_an_error():
+  """A process that exits without a shutdown (a crashed host) makes the survivor's barrier raise a TimeoutError
+  naming the barrier within its timeout, instead of hanging."""
+  script = pathlib.Path(__file__).parent / "multiprocess" / "barrier_peer.py"
+  (rc0, out0, t0), (rc1, _, _) = harness.run_script(script, [["--timeout_s=4"], ["--die", "--timeout_s=4"]],
+                                                     timeout_s=120)
+  assert rc1 == 3
+  assert rc0 == 2 and "BARRIER_ERROR" in out0, out0[-3000:]
+  line = next(l for l in out0.splitlines() if l.startswith("BARRIER_ERROR"))
+  assert "'after the peer died'" in line and "config.distributed.barrier_timeout_s" in line
+  assert float(line.split()[2]) < 30 and t0 < 110  # bounded by the 4 s timeout, not a hang

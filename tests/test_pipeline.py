@@ -1,9 +1,11 @@
 """training/pipeline: every stage in order on a tiny synthetic cohort, skipping completed stages on a rerun,
-and the latents stage's single-writer rule for multi-process runs."""
+and the latents stage's per-process parts merged into the records one process writes."""
 
 from __future__ import annotations
 
 import json
+import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -72,14 +74,79 @@ def test_all_stages_run_in_order_and_a_rerun_skips_them(workdir, capsys):
   assert again["latents"] == out["latents"]
 
 
-def test_latents_other_processes_only_read_what_process_0_wrote(workdir, monkeypatch):
+def _copy_without_latents(src, dst):
+  import shutil  # pylint: disable=import-outside-toplevel
+  for name in ("autoencoder", "cohort"):
+    shutil.copytree(src / name, dst / name)
+  for name in ("splits.json", "config.json"):
+    shutil.copy(src / name, dst / name)
+  return dst
+
+
+class _AsProcess:
+  """jax as process `index` of `count` would see it."""
+
+  def __init__(self, index, count):
+    self._index, self._count = index, count
+
+  def __getattr__(self, name):
+    return getattr(jax, name)
+
+  def process_index(self):
+    return self._index
+
+  def process_count(self):
+    return self._count
+
+
+def _same_records(a_dir, b_dir):
+  a, b = (shards.read_all(d, ("scan_id", "mu", "image")) for d in (a_dir, b_dir))
+  assert list(a["scan_id"]) == list(b["scan_id"])  # the order one process writes, not just the same set
+  np.testing.assert_allclose(a["mu"], b["mu"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_latents_of_two_processes_are_the_records_of_one(workdir, tmp_path, monkeypatch):
+  """Each process encodes its block of every split into its own part; process 0 merges them in process order
+  (simulated in one interpreter: the barriers are where the processes would wait for each other)."""
   wd, out = workdir
-  root = Workdir(wd).shard_root
-  before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-  monkeypatch.setattr(jax, "process_index", lambda: 1)  # the single-process barrier is a no-op
-  summary = latents_stage.run(tiny_pipeline_config(), wd)
-  assert summary["scale_factor"] == out["latents"]["scale_factor"]
-  assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before  # nothing rewritten
+  new = _copy_without_latents(wd, tmp_path)
+  monkeypatch.setattr(latents_stage.distributed, "barrier", lambda *a, **k: None)
+  (Workdir(new).shard_part("train", 7)).mkdir(parents=True)  # a stale part of an earlier 8-process run
+  monkeypatch.setattr(latents_stage, "jax", _AsProcess(1, 2))  # only the stage's view: orbax sees 1 process
+  with pytest.raises(shards.ShardError):  # process 1 does not merge: nothing to read until process 0 has
+    latents_stage.run(tiny_pipeline_config(), new)
+  assert [p.name for p in Workdir(new).shard_parts("train")] == [".train.part-00001", ".train.part-00007"]
+  monkeypatch.setattr(latents_stage, "jax", _AsProcess(0, 2))
+  summary = latents_stage.run(tiny_pipeline_config(), new)
+  np.testing.assert_allclose(summary["scale_factor"], out["latents"]["scale_factor"], rtol=1e-6)
+  for split in ("train", "val", "test"):
+    _same_records(Workdir(wd).shards(split), Workdir(new).shards(split))
+    assert not Workdir(new).shard_parts(split)  # parts consumed, stale ones removed
+    meta = shards.read_metadata(Workdir(new).shards(split))
+    assert meta["scale_factor"] == summary["scale_factor"] and meta["split"] == split
+  stats = shards.read_metadata(Workdir(new).shards("train"))["stats"]["mu"]
+  ref = shards.read_metadata(Workdir(wd).shards("train"))["stats"]["mu"]
+  assert stats["count"] == ref["count"]
+  np.testing.assert_allclose([stats["mean"], stats["std"]], [ref["mean"], ref["std"]], rtol=1e-5)
+
+
+def test_latents_in_two_real_processes_match_one_process(workdir, tmp_path):
+  """Two processes joined by jax.distributed write the records one process writes."""
+  sys.path.insert(0, str(pathlib.Path(__file__).parent / "multiprocess"))
+  import harness  # pylint: disable=import-outside-toplevel
+  wd, out = workdir
+  new = _copy_without_latents(wd, tmp_path)
+  script = pathlib.Path(__file__).parent / "multiprocess" / "latents_run.py"
+  runs = harness.run_script(script, [[f"--workdir={new}"]] * 2)
+  for rc, text, _ in runs:
+    assert rc == 0 and "RESULT " in text, text[-4000:]
+  summaries = [json.loads(next(l for l in text.splitlines() if l.startswith("RESULT "))[7:]) for _, text, _ in runs]
+  assert all(s["processes"] == 2 for s in summaries)
+  assert summaries[0]["scale_factor"] == summaries[1]["scale_factor"]
+  np.testing.assert_allclose(summaries[0]["scale_factor"], out["latents"]["scale_factor"], rtol=1e-6)
+  for split in ("train", "val", "test"):
+    _same_records(Workdir(wd).shards(split), Workdir(new).shards(split))
 
 
 def test_bad_scan_files_stop_the_run_before_anything_is_built(tmp_path):

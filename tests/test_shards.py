@@ -165,6 +165,37 @@ def _scan_ids(batches):
   return [s for b in batches for s in b["scan_id"].tolist()]
 
 
+def test_merge_joins_parts_in_order_with_the_statistics_of_one_folder(tmp_path, written):
+  one, recs = written
+  parts = [tmp_path / f"part{i}" for i in range(3)]
+  for part, block in zip(parts, (recs[:3], recs[3:4], recs[4:])):
+    _write(part, block, metadata={"scale_factor": None, "source_checkpoint": "/ckpt/autoencoder/1000"})
+  meta = S.merge(parts, tmp_path / "merged", metadata={"scale_factor": 0.873})
+  assert not any(p.exists() for p in parts)  # moved, then removed
+  assert S.verify(tmp_path / "merged")["count"] == N and meta["scale_factor"] == 0.873
+  a, b = S.read_all(one), S.read_all(tmp_path / "merged")
+  assert all(_bits(x) == _bits(y) for k in a for x, y in zip(a[k], b[k]))
+  ref = S.read_metadata(one)["stats"]
+  for k in ("mu", "logvar"):
+    assert meta["stats"][k]["count"] == ref[k]["count"]
+    np.testing.assert_allclose([meta["stats"][k]["mean"], meta["stats"][k]["std"]],
+                               [ref[k]["mean"], ref[k]["std"]], rtol=1e-9, atol=1e-12)
+  assert S.merged_stats([tmp_path / "merged"]) == meta["stats"]
+
+
+def test_merge_refuses_parts_of_different_runs_and_writer_keys(tmp_path):
+  recs = _records()
+  _write(tmp_path / "a", recs[:5])
+  _write(tmp_path / "b", recs[5:], metadata={"scale_factor": 0.873, "source_checkpoint": "/ckpt/other"})
+  with pytest.raises(S.ShardError, match=r"differs .* in \['metadata'\]"):
+    S.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+  with pytest.raises(ValueError, match="written by the writer itself"):
+    S.merge([tmp_path / "a"], tmp_path / "m", metadata={"count": 3})
+  assert (tmp_path / "a").is_dir() and not (tmp_path / "m").exists()  # a refused merge moves nothing
+  with pytest.raises(ValueError, match="no parts"):
+    S.merge([], tmp_path / "m")
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_two_processes_read_disjoint_parts_whose_union_is_the_dataset(written, shuffle):
   d, recs = written

@@ -228,12 +228,30 @@ def maybe_initialize(dist_config: Any, env: Mapping[str, str] | None = None) -> 
   return d
 
 
-def barrier(name: str) -> None:
+_barrier_uses: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
   """Blocks until every process reaches `name`; a no-op in a single-process run.
 
-  Used where process 0 alone writes files that the others then read (the synthetic cohort, the latent
-  shards): without it a fast process would read a half-written or absent folder.
+  Used where one process writes files that the others then read (the synthetic cohort, the merged latent
+  shards): without it a fast process would read a half-written or absent folder. A process that died or hangs
+  would leave the others waiting for ever; past `timeout_s` they raise instead, naming the barrier.
   """
-  if jax.process_count() > 1:
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = getattr(jax_distributed.global_state, "client", None)
+  if client is None or not hasattr(client, "wait_at_barrier"):  # a JAX without the coordination client
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+    return
+  # Every process passes the same barriers in the same order, so a per-name count keeps the ids unique.
+  uses = _barrier_uses[name] = _barrier_uses.get(name, 0) + 1
+  try:
+    client.wait_at_barrier(f"ldae:{name}:{uses}", int(timeout_s * 1000))
+  except Exception as e:  # pylint: disable=broad-exception-caught  # jax raises its runtime error type
+    raise TimeoutError(
+        f"process {jax.process_index()} of {jax.process_count()}: not every process reached '{name}' within "
+        f"{timeout_s:.0f} s (config.distributed.barrier_timeout_s); another process died or is stuck: see its "
+        f"log. ({str(e).splitlines()[0]})") from e

@@ -46,7 +46,7 @@ def manifest_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
           f"subjects into {out}", flush=True)
     # The worker count is not part of `wanted` (nor of cohort.json): the files do not depend on it.
     synthetic.generate_cohort(out, **wanted, workers=int(config.data.synthetic.workers))
-  distributed.barrier(f"synthetic cohort in {out}")
+  distributed.barrier(f"synthetic cohort in {out}", float(config.distributed.barrier_timeout_s))
   return existing
 
 

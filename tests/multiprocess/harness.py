@@ -82,6 +82,35 @@ def run_processes(layouts: str, num_processes: int, devices_per_process: int, st
   return results
 
 
+def run_script(script: pathlib.Path, args_per_process: list[list[str]], devices_per_process: int = 1,
+               timeout_s: float = TIMEOUT_S) -> list[tuple[int, str, float]]:
+  """`script` in len(args_per_process) local processes joined by jax.distributed; (returncode, output, seconds
+  until it exited) per process."""
+  import time  # pylint: disable=import-outside-toplevel
+  port = free_port()
+  t0 = time.perf_counter()
+  procs = [subprocess.Popen(
+      [sys.executable, str(script), *args], cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, env=_env(devices_per_process, {
+          "LDAE_COORDINATOR": f"127.0.0.1:{port}", "LDAE_NUM_PROCESSES": str(len(args_per_process)),
+          "LDAE_PROCESS_ID": str(i)})) for i, args in enumerate(args_per_process)]
+  out = []
+  try:
+    for p in procs:
+      try:
+        text, _ = p.communicate(timeout=max(1.0, timeout_s - (time.perf_counter() - t0)))
+      except subprocess.TimeoutExpired:
+        p.kill()
+        text, _ = p.communicate()
+        text += f"\n[harness] killed after {timeout_s:.0f} s"
+      out.append((p.returncode, text, time.perf_counter() - t0))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return out
+
+
 _BASELINE: list[dict] = []
 BASELINE_LAYOUT = "1x1:replicate"
 

@@ -26,8 +26,9 @@ Record fields (a dict):
   session_months, label         int (stored int32; defaults 0 and -1)
   age                           float (stored float32; nan = unknown, the default)
 
-Files: `record` (the format above), `writer` (`ShardWriter`), `reader` (metadata, checksums, `LatentDataset`,
-`read_all`, `field_mean`, and `make_iterator`, the training stream built by `ldae_jax.data.grain_pipeline`).
+Files: `record` (the format above), `writer` (`ShardWriter`; `merge` of the folders that separate processes
+wrote), `reader` (metadata, checksums, `LatentDataset`, `read_all`, `field_mean`, and `make_iterator`, the
+training stream built by `ldae_jax.data.grain_pipeline`).
 """
 
 from ldae_jax.data.grain_pipeline import to_global
@@ -36,9 +37,10 @@ from ldae_jax.data.shards.reader import (LatentDataset, field_mean, make_dataset
 from ldae_jax.data.shards.record import (ALL_FIELDS, ARRAY_FIELDS, FORMAT_NAME, FORMAT_VERSION, IMAGE_ENCODINGS,
                                          METADATA_FILE, SCALAR_FIELDS, SHARD_PATTERN, ShardError, decode_record,
                                          encode_record, quantize_image)
-from ldae_jax.data.shards.writer import ShardWriter
+from ldae_jax.data.shards.writer import ShardWriter, merge, merged_stats
 
 __all__ = ["ALL_FIELDS", "ARRAY_FIELDS", "FORMAT_NAME", "FORMAT_VERSION", "IMAGE_ENCODINGS", "METADATA_FILE",
            "SCALAR_FIELDS", "SHARD_PATTERN", "LatentDataset", "ShardError", "ShardWriter", "decode_record",
-           "encode_record", "field_mean", "make_dataset", "make_iterator", "quantize_image", "read_all",
+           "encode_record", "field_mean", "make_dataset", "make_iterator", "merge",
+           "merged_stats", "quantize_image", "read_all",
            "read_metadata", "to_global", "verify"]

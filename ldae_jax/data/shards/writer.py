@@ -1,4 +1,5 @@
-"""`ShardWriter`: records into ArrayRecord shards plus metadata.json, all or nothing (temp folder, then rename)."""
+"""Writing shard folders, all or nothing (temp folder, then rename): `ShardWriter` (records -> ArrayRecord shards +
+metadata.json) and `merge` (the folders that separate processes wrote -> one)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import os
 import pathlib
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ldae_jax.data import atomic
+from ldae_jax.data.shards.reader import read_metadata
 from ldae_jax.data.shards.record import (ALL_FIELDS, ARRAY_FIELDS, FORMAT_NAME, FORMAT_VERSION, IMAGE_ENCODINGS,
-                                         METADATA_FILE, RESERVED, SCALAR_FIELDS, SHARD_PATTERN, encode_record,
-                                         file_sha256)
+                                         METADATA_FILE, REGENERATE, RESERVED, SCALAR_FIELDS, SHARD_PATTERN,
+                                         ShardError, encode_record, file_sha256)
 
 class _Moments:
   """Streaming mean/std over all elements (float64 sums; exact enough for 1/std scale factors)."""
@@ -87,9 +89,7 @@ class ShardWriter:
 
   # -- context manager
   def __enter__(self) -> "ShardWriter":
-    self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    self._tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    self._tmp.mkdir()
+    self._tmp = _temp_dir(self.out_dir)
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
@@ -237,18 +237,94 @@ class ShardWriter:
         "shards": self._shards,
         **self.metadata,
     }
-    with open(self._tmp / METADATA_FILE, "w") as f:
-      json.dump(meta, f, indent=1, allow_nan=False)
-      f.flush()
-      os.fsync(f.fileno())
-    atomic.fsync_dir(self._tmp)
-    old = None
-    if self.out_dir.exists():
-      old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-      os.rename(self.out_dir, old)
-    os.rename(self._tmp, self.out_dir)
-    atomic.fsync_dir(self.out_dir.parent)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
+    _install(self._tmp, meta, self.out_dir)
 
 
+
+
+def _temp_dir(out_dir: pathlib.Path) -> pathlib.Path:
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir()
+  return tmp
+
+
+def _install(tmp: pathlib.Path, meta: Mapping[str, Any], out_dir: pathlib.Path) -> None:
+  """Writes metadata.json into the complete folder `tmp`, then renames it to `out_dir` (replacing an old one
+  only once the new one is in place)."""
+  with open(tmp / METADATA_FILE, "w") as f:
+    json.dump(meta, f, indent=1, allow_nan=False)
+    f.flush()
+    os.fsync(f.fileno())
+  atomic.fsync_dir(tmp)
+  old = None
+  if out_dir.exists():
+    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out_dir, old)
+  os.rename(tmp, out_dir)
+  atomic.fsync_dir(out_dir.parent)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _merged_moments(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
+  n = sum(int(m["count"]) for m in parts)
+  s = sum(m["mean"] * m["count"] for m in parts)
+  ss = sum((m["std"] ** 2 + m["mean"] ** 2) * m["count"] for m in parts)
+  mean = s / n
+  return {"mean": mean, "std": math.sqrt(max(ss / n - mean * mean, 0.0)), "count": n}
+
+
+def merged_stats(parts: Sequence[str | os.PathLike]) -> dict[str, dict[str, float]]:
+  """The mu/logvar statistics (mean, std, count over every element) that `merge(parts, ...)` will record."""
+  metas = [read_metadata(p) for p in parts]
+  return {k: _merged_moments([m["stats"][k] for m in metas]) for k in metas[0]["stats"]}
+
+
+def merge(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+          metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Joins shard folders written by separate processes into one folder `out_dir`, records in `parts` order.
+
+  The parts must hold disjoint scans (the caller's slicing guarantees it: scan ids are not re-read here) with
+  the same fields, encoding and caller metadata; their shard files are moved, not copied, and the parts are
+  removed once `out_dir` is complete. `metadata` sets caller entries (e.g. a scale factor that needs the merged
+  statistics). Returns the merged metadata.
+  """
+  parts = [pathlib.Path(p) for p in parts]
+  out_dir = pathlib.Path(out_dir)
+  if not parts:
+    raise ValueError(f"shards.merge({out_dir}): no parts to merge.")
+  metas = [read_metadata(p) for p in parts]
+  same = ("fields", "image_encoding", "records_per_shard")
+  caller = lambda m: {k: v for k, v in m.items() if k not in RESERVED}  # noqa: E731
+  for p, m in zip(parts[1:], metas[1:]):
+    diff = [k for k in same if m[k] != metas[0][k]] + (["metadata"] if caller(m) != caller(metas[0]) else [])
+    if diff:
+      raise ShardError(f"shards.merge: {p} differs from {parts[0]} in {diff}; the parts were not written by one "
+                       f"run. {REGENERATE}.")
+  extra = dict(metadata or {})
+  bad = sorted(set(extra) & set(RESERVED))
+  if bad:
+    raise ValueError(f"shards.merge metadata keys {bad} are written by the writer itself; remove them.")
+  tmp = _temp_dir(out_dir)
+  try:
+    entries = []
+    for p, m in zip(parts, metas):
+      for entry in m["shards"]:
+        name = SHARD_PATTERN.format(len(entries))
+        os.rename(p / entry["file"], tmp / name)
+        entries.append(dict(entry, file=name))
+    meta = dict(metas[0])
+    meta.update(extra)
+    meta.update(count=sum(m["count"] for m in metas), shards=entries,
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                compression=metas[0]["compression"] if len({m["compression"] for m in metas}) == 1 else "mixed",
+                stats={k: _merged_moments([m["stats"][k] for m in metas]) for k in metas[0]["stats"]})
+    json.dumps(meta, allow_nan=False)
+    _install(tmp, meta, out_dir)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+  for p in parts:
+    shutil.rmtree(p, ignore_errors=True)
+  return meta
