@@ -1,7 +1,8 @@
 """Checkpoints: a TrainState written on 8 simulated devices (FSDP-sharded) restores on 1 device, with the
 grain iterator position; keep-last-N. Each device count runs in its own subprocess (XLA_FLAGS is read at
 backend start). A later stage's read of the EMA weights alone (`restore_ema_weights`): exactly the newest EMA,
-the parameters without one, and errors that name the path and the fix."""
+the parameters without one, and errors that name the path and the fix. Asynchronous saves killed mid-write or
+overlapped with a donating step restore exactly what was saved."""
 
 from __future__ import annotations
 
@@ -66,6 +67,56 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
   path = str(tmp_path / "ck")
   _run("save", path, 8)
   assert "RESTORED_OK" in _run("restore", path, 1)
+
+
+KILL_SCRIPT = r"""
+import os, sys, numpy as np, jax, jax.numpy as jnp
+from ldae_jax.training.checkpoint import Checkpointer
+path, mode = sys.argv[1], sys.argv[2]
+ck = Checkpointer(path, keep=5)
+big = lambda v: {"w": jnp.full((64, 1024, 256), v, jnp.float32), "step": jnp.int32(v)}  # 64 MiB
+ck.save(1, big(1.0), {"next_index": 1})
+if mode == "donate":  # the step after a save donates the state's buffers while orbax writes them
+  state = big(1.0)
+  ck.save(2, state, {"next_index": 2})
+  state = jax.jit(lambda s: jax.tree.map(lambda x: x * 0 + 7, s), donate_argnums=0)(state)
+  jax.block_until_ready(state)
+  ck.close()
+  print("DONATED_OK", flush=True)
+  sys.exit(0)
+ck.wait()
+ck.save(2, big(2.0), {"next_index": 2})
+print("SAVE_STARTED", flush=True)
+os._exit(9)  # killed mid-save: no wait, no close
+"""
+
+
+def _kill_run(path, mode):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  return subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(path), mode], env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_a_kill_during_an_async_save_leaves_only_checkpoints_that_restore_right(tmp_path):
+  from ldae_jax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  out = _kill_run(tmp_path / "ck", "kill")
+  assert out.returncode == 9 and "SAVE_STARTED" in out.stdout, out.stderr[-3000:]
+  ck = Checkpointer(tmp_path / "ck", asynchronous=False)
+  assert ck.latest_step() in (1, 2)  # step 2 counts only if it was committed before the kill
+  for step in ck.all_steps():
+    target = {"w": jax.ShapeDtypeStruct((64, 1024, 256), np.float32), "step": jax.ShapeDtypeStruct((), np.int32)}
+    state, data = ck.restore(target, step)
+    assert int(state["step"]) == step and data == {"next_index": step}
+    assert float(np.min(state["w"])) == float(np.max(state["w"])) == float(step)
+  ck.close()
+  out = _kill_run(tmp_path / "donate", "donate")
+  assert out.returncode == 0 and "DONATED_OK" in out.stdout, out.stderr[-3000:]
+  ck = Checkpointer(tmp_path / "donate", asynchronous=False)
+  assert ck.all_steps() == [1, 2]
+  state, _ = ck.restore({"w": jax.ShapeDtypeStruct((64, 1024, 256), np.float32),
+                         "step": jax.ShapeDtypeStruct((), np.int32)}, 2)
+  assert float(np.max(np.abs(np.asarray(state["w"]) - 1.0))) == 0.0  # the saved values, not the donated step's
+  ck.close()
 
 
 def test_data_state_roundtrip_bytes_and_dict():

@@ -41,7 +41,7 @@ def test_paper_config_ldm_stage_runs_tiny(tmp_path):
   assert out.returncode == 0, out.stderr[-4000:]
   assert "[ldm] done: 3 steps" in out.stdout
   # The package's INFO lines show by default (libraries' do not); a non-terminal gets plain progress lines.
-  assert "compiled ldm step in" in out.stderr and "saved checkpoint 3 to" in out.stderr
+  assert "compiled ldm step in" in out.stderr and "saving checkpoint 3 to" in out.stderr
   assert "\r" not in out.stderr and "[ldm] step 2/3: loss" in out.stdout
   stage = tmp_path / "ldm"
   summary = json.loads((stage / "summary.json").read_text())

@@ -2,8 +2,11 @@
 
 One `CheckpointManager` per stage directory (`DIR/<stage>/checkpoints/<step>/`), two items per step:
 `state` (parameters, optimizer state, EMA, step, RNG key, non-trainable state; `StandardSave`) and `data`
-(the grain iterator's `get_state()`, JSON). Orbax writes each step to a temporary directory and renames it
-when complete, so a run killed mid-save leaves the previous checkpoint intact. Restoring targets the
+(the grain iterator's `get_state()`, taken when the save is asked for, JSON). Saves are asynchronous: orbax
+copies the arrays off the devices before `save` returns (so the next step may donate them) and writes them in
+a background thread while training goes on; `close` waits for the last one. Each step is written to a
+temporary directory and renamed when complete, so a run killed mid-save leaves the previous checkpoint intact
+(tests/test_checkpoint.py kills a process during an asynchronous save). Restoring targets the
 *current* run's shardings (abstract arrays built from the freshly initialised, sharded state), so a
 checkpoint written on 8 devices restores on 1 and vice versa.
 
@@ -60,11 +63,12 @@ def abstract_like(tree: PyTree) -> PyTree:
 class Checkpointer:
   """Saves and restores a stage's train state and data position; keeps the newest `keep` steps."""
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int = 3):
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, asynchronous: bool = True):
     self.directory = pathlib.Path(directory).absolute()
     if keep < 1:
       raise ValueError(f"keep_checkpoints={keep} (config.train.<stage>.keep_checkpoints) must be >= 1.")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=asynchronous)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -74,11 +78,15 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: PyTree, data_state: Any = None) -> None:
-    """Writes checkpoint `step` (blocking; orbax commits it atomically)."""
+    """Starts writing checkpoint `step` (returns once the arrays are off the devices; orbax commits it
+    atomically in the background, after the previous save has finished)."""
     self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_encode_data_state(data_state))), force=True)
+    log.info("saving checkpoint %d to %s", step, self.directory)
+
+  def wait(self) -> None:
+    """Blocks until every started save is committed."""
     self.manager.wait_until_finished()
-    log.info("saved checkpoint %d to %s", step, self.directory)
 
   def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, Any]:
     """Restores `step` (default: the latest) onto the structure, dtypes and shardings of `target`.
@@ -86,6 +94,7 @@ class Checkpointer:
     Returns (state, data_state). Raises FileNotFoundError naming the directory when there is nothing to
     restore, and ValueError when the saved tree does not match `target` (different model config).
     """
+    self.wait()
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -99,6 +108,8 @@ class Checkpointer:
     return out["state"], _decode_data_state(out["data"])
 
   def close(self) -> None:
+    """Waits for the last save, then releases orbax's threads."""
+    self.manager.wait_until_finished()
     self.manager.close()
 
 
@@ -160,7 +171,7 @@ def restore_ema_weights(directory: str | os.PathLike, params: PyTree, rest: PyTr
 def _newest_step(directory: pathlib.Path, *, what: str, missing_fix: str) -> int:
   if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
     raise FileNotFoundError(f"{what} not found: {directory} has no checkpoint; {missing_fix}.")
-  ckpt = Checkpointer(directory, keep=1000)  # a reader: keep= high so that it never deletes a step
+  ckpt = Checkpointer(directory, keep=1000, asynchronous=False)  # a reader: keep= high, never deletes a step
   try:
     step = ckpt.latest_step()
   finally:
