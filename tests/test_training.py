@@ -56,17 +56,6 @@ def write_shards(workdir: pathlib.Path, n: int = 8, with_images: bool = False, s
       w.write(rec)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """The three runs below lower the same step: compile it once."""
-  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jaxcache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-
-
 def test_ldm_resume_reproduces_uninterrupted_run(tmp_path):
   c = tiny_config()
   full, cut = tmp_path / "full", tmp_path / "cut"
