@@ -21,11 +21,21 @@ from ldae_jax.data.shards.record import (ALL_FIELDS, ARRAY_FIELDS, FORMAT_NAME, 
                                          METADATA_FILE, REGENERATE, RESERVED, SCALAR_FIELDS, SHARD_PATTERN,
                                          ShardError, encode_record, file_sha256)
 
+
 class _Moments:
   """Streaming mean/std over all elements (float64 sums; exact enough for 1/std scale factors)."""
 
-  def __init__(self):
-    self.n, self.s, self.ss = 0, 0.0, 0.0
+  def __init__(self, n: int = 0, s: float = 0.0, ss: float = 0.0):
+    self.n, self.s, self.ss = n, s, ss
+
+  @classmethod
+  def of(cls, stats: Mapping[str, float]) -> "_Moments":
+    """The sums behind a `result()` dict, to merge the statistics of separately written folders."""
+    n = int(stats["count"])
+    return cls(n, stats["mean"] * n, (stats["std"] ** 2 + stats["mean"] ** 2) * n)
+
+  def __add__(self, other: "_Moments") -> "_Moments":
+    return _Moments(self.n + other.n, self.s + other.s, self.ss + other.ss)
 
   def add(self, a: np.ndarray) -> None:
     a = a.astype(np.float64)
@@ -37,6 +47,17 @@ class _Moments:
     mean = self.s / self.n
     var = max(self.ss / self.n - mean * mean, 0.0)
     return {"mean": mean, "std": math.sqrt(var), "count": self.n}
+
+
+def _check_caller_metadata(metadata: Mapping[str, Any], who: str) -> None:
+  """A caller's metadata.json entries: none of the writer's own keys, and strict JSON."""
+  bad = sorted(set(metadata) & set(RESERVED))
+  if bad:
+    raise ValueError(f"{who}: metadata keys {bad} are written by the writer itself; remove them.")
+  try:
+    json.dumps(metadata, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{who}: metadata must be JSON-serialisable without NaN/inf: {e}") from e
 
 
 class ShardWriter:
@@ -66,13 +87,7 @@ class ShardWriter:
     if image_encoding not in IMAGE_ENCODINGS:
       raise ValueError(f"image_encoding={image_encoding!r}: must be one of {IMAGE_ENCODINGS}.")
     metadata = dict(metadata or {})
-    bad = sorted(set(metadata) & set(RESERVED))
-    if bad:
-      raise ValueError(f"ShardWriter metadata keys {bad} are written by the writer itself; remove them.")
-    try:
-      json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"ShardWriter metadata must be JSON-serialisable without NaN/inf: {e}") from e
+    _check_caller_metadata(metadata, "ShardWriter")
     self.out_dir = pathlib.Path(out_dir)
     self.records_per_shard = int(records_per_shard)
     self.image_encoding = image_encoding
@@ -209,16 +224,10 @@ class ShardWriter:
       os.fsync(f.fileno())
 
   def _finish(self) -> None:
-    bad = sorted(set(self.metadata) & set(RESERVED))
-    if bad:
-      raise ValueError(f"ShardWriter.metadata keys {bad} are written by the writer itself; remove them.")
+    _check_caller_metadata(self.metadata, "ShardWriter (writer.metadata at the end of the block)")
     if not self._count:
       raise ValueError(f"ShardWriter({self.out_dir}): no records were written; refusing to create an empty "
                        "shard folder.")
-    try:
-      json.dumps(self.metadata, allow_nan=False)
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"ShardWriter.metadata must be JSON-serialisable without NaN/inf: {e}") from e
     fields = dict(self._fields)
     if "image" in fields:
       fields["image"]["stored_dtype"] = self.image_encoding
@@ -238,8 +247,6 @@ class ShardWriter:
         **self.metadata,
     }
     _install(self._tmp, meta, self.out_dir)
-
-
 
 
 def _temp_dir(out_dir: pathlib.Path) -> pathlib.Path:
@@ -267,18 +274,13 @@ def _install(tmp: pathlib.Path, meta: Mapping[str, Any], out_dir: pathlib.Path) 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _merged_moments(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
-  n = sum(int(m["count"]) for m in parts)
-  s = sum(m["mean"] * m["count"] for m in parts)
-  ss = sum((m["std"] ** 2 + m["mean"] ** 2) * m["count"] for m in parts)
-  mean = s / n
-  return {"mean": mean, "std": math.sqrt(max(ss / n - mean * mean, 0.0)), "count": n}
+def _merged_stats(metas: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+  return {k: sum((_Moments.of(m["stats"][k]) for m in metas), _Moments()).result() for k in metas[0]["stats"]}
 
 
 def merged_stats(parts: Sequence[str | os.PathLike]) -> dict[str, dict[str, float]]:
   """The mu/logvar statistics (mean, std, count over every element) that `merge(parts, ...)` will record."""
-  metas = [read_metadata(p) for p in parts]
-  return {k: _merged_moments([m["stats"][k] for m in metas]) for k in metas[0]["stats"]}
+  return _merged_stats([read_metadata(p) for p in parts])
 
 
 def merge(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -303,9 +305,7 @@ def merge(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
       raise ShardError(f"shards.merge: {p} differs from {parts[0]} in {diff}; the parts were not written by one "
                        f"run. {REGENERATE}.")
   extra = dict(metadata or {})
-  bad = sorted(set(extra) & set(RESERVED))
-  if bad:
-    raise ValueError(f"shards.merge metadata keys {bad} are written by the writer itself; remove them.")
+  _check_caller_metadata(extra, "shards.merge")
   tmp = _temp_dir(out_dir)
   try:
     entries = []
@@ -319,8 +319,7 @@ def merge(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     meta.update(count=sum(m["count"] for m in metas), shards=entries,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 compression=metas[0]["compression"] if len({m["compression"] for m in metas}) == 1 else "mixed",
-                stats={k: _merged_moments([m["stats"][k] for m in metas]) for k in metas[0]["stats"]})
-    json.dumps(meta, allow_nan=False)
+                stats=_merged_stats(metas))
     _install(tmp, meta, out_dir)
   finally:
     if tmp.exists():
