@@ -47,6 +47,7 @@ from ldae_jax.evaluation.throughput import host_cpu_model  # noqa: E402
 from ldae_jax.models import conv as convlib, layers  # noqa: E402
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
+NET_WORKLOADS = ("unet_forward", "ldm_train", "autoencoder_train", "stage3_train", "torch_resblock")
 
 
 
@@ -293,19 +294,37 @@ def run_ops(config, torch, repeats: int, networks: set[str] | None = None, alter
 
 
 # ------------------------------------------------------------------------------------------ networks
-def run_nets(config, torch, repeats: int) -> dict:
+def run_nets(config, torch, repeats: int, only: set[str] | None = None) -> dict:
+  """Forwards and train steps data-parallel over every CPU device (`--cpu_devices`), placed as train.py
+  places them: parameters and optimizer state by `config.mesh.param_sharding`, batches split over the mesh (a
+  batch the devices do not split evenly runs on the first device). `only`: a subset of NET_WORKLOADS."""
+  want = lambda name: not only or name in only
   from ldae_jax.diffusion import schedule as schedule_lib
+  from ldae_jax.parallel import mesh as pmesh
   from ldae_jax.training import autoencoder_stage, ldm_stage, representation_stage, state as st
   lat = cfglib.latent_shape(config)
   img = tuple(config.data.image_shape) + (1,)
   sched = schedule_lib.make_schedule(config.diffusion)
-  out = {}
+  mesh = pmesh.make_mesh(config.mesh)
+  one = pmesh.make_mesh(config.mesh, jax.devices()[:1])
+  out = {"devices": int(mesh.devices.size)}
+
+  def placed(batch_size):
+    """(replicated sharding, batch sharding) of the mesh that splits `batch_size`."""
+    m = mesh if batch_size % mesh.devices.size == 0 else one
+    return m, pmesh.replicated(m), pmesh.batch_sharding(m)
+
+  def place_state(state, m):
+    return pmesh.shard_like(state, pmesh.shardings_from_config(state, m, config.mesh))
 
   def report(name, sec, compile_s, batch):
     out[name] = {"batch": batch, "ms": sec * 1e3, "samples_per_s": batch / sec, "compile_s": compile_s}
     print(f"{name}: {sec * 1e3:8.2f} ms  {batch / sec:7.2f} samples/s  compile {compile_s:5.1f} s", flush=True)
 
   def time_step(name, step, state, batch, b):
+    m, _, data = placed(b)
+    state = place_state(state, m)
+    batch = jax.device_put(batch, data)
     jitted = jax.jit(step, donate_argnums=(0,))
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch).compile()
@@ -322,44 +341,47 @@ def run_nets(config, torch, repeats: int) -> dict:
 
   graphdef, params, rng_state, rest = st.split_model(models.build_unet(config, nnx.Rngs(0, dropout=1)))
   fwd = lambda p, x, t: st.merge_model(graphdef, p, rng_state, rest)(x, t)
-  for b in (1, 2, 16):
-    x = jax.random.normal(jax.random.key(2), (b,) + lat)
-    t = jnp.full((b,), 500, jnp.int32)
-    sec, cs = time_fn(fwd, params, x, t, repeats=repeats * 3)
+  for b in (1, 2, 16) if want("unet_forward") else ():
+    _, rep, data = placed(b)
+    x = jax.device_put(jax.random.normal(jax.random.key(2), (b,) + lat), data)
+    t = jax.device_put(jnp.full((b,), 500, jnp.int32), data)
+    sec, cs = time_fn(fwd, jax.device_put(params, rep), x, t, repeats=repeats * 3)
     report(f"unet_forward_b{b}", sec, cs, b)
 
   cfg = config.train.ldm.copy_and_resolve_references()
   cfg.grad_accum = 1
-  for b in (2, 16):
+  for b in (2, 16) if want("ldm_train") else ():
     tx = st.make_optimizer(cfg)
     # A copy: the step donates its state, and `params` is used again.
     state = st.create_state(jax.tree.map(jnp.copy, params), rest, tx, seed=0, with_ema=cfg.ema_decay > 0)
     step = ldm_stage.make_step(graphdef, rng_state, tx, sched, 1.0, cfg)
     time_step(f"ldm_train_b{b}", step, state, {"mu": jax.random.normal(jax.random.key(1), (b,) + lat)}, b)
 
-  acfg = config.train.autoencoder.copy_and_resolve_references()
-  ae, disc = autoencoder_stage.build_networks(config)
-  g_def, gp, g_rngs, g_rest = st.split_model(ae)
-  d_def, dp, d_rngs, d_rest = st.split_model(disc)
-  tx = {"g": st.make_optimizer(acfg), "d": st.make_optimizer(acfg, lr=acfg.lr_disc)}
-  state = st.create_state({"g": gp, "d": dp}, {"g": g_rest, "d": d_rest}, tx, seed=0, with_ema=acfg.ema_decay > 0)
-  b = int(acfg.batch_size)
-  time_step(f"autoencoder_train_b{b}", autoencoder_stage.make_step(g_def, g_rngs, d_def, d_rngs, tx, acfg), state,
-            {"image": jax.random.uniform(jax.random.key(3), (b,) + img)}, b)
+  if want("autoencoder_train"):
+    acfg = config.train.autoencoder.copy_and_resolve_references()
+    ae, disc = autoencoder_stage.build_networks(config)
+    g_def, gp, g_rngs, g_rest = st.split_model(ae)
+    d_def, dp, d_rngs, d_rest = st.split_model(disc)
+    tx = {"g": st.make_optimizer(acfg), "d": st.make_optimizer(acfg, lr=acfg.lr_disc)}
+    state = st.create_state({"g": gp, "d": dp}, {"g": g_rest, "d": d_rest}, tx, seed=0, with_ema=acfg.ema_decay > 0)
+    b = int(acfg.batch_size)
+    time_step(f"autoencoder_train_b{b}", autoencoder_stage.make_step(g_def, g_rngs, d_def, d_rngs, tx, acfg), state,
+              {"image": jax.random.uniform(jax.random.key(3), (b,) + img)}, b)
 
-  rcfg = config.train.representation.copy_and_resolve_references()
-  shift = models.build_shift_unet(config, nnx.Rngs(params=0, dropout=1))
-  enc = models.build_encoder(config, nnx.Rngs(params=2, dropout=3))
-  s_def, sp, s_rngs, s_rest = st.split_model(shift, representation_stage.SHIFT_TRAINABLE)
-  e_def, ep, e_rngs, e_rest = st.split_model(enc)
-  tx = representation_stage.make_optimizer(rcfg)
-  state = st.create_state({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest}, tx, seed=0,
-                          with_ema=rcfg.ema_decay > 0)
-  b = int(rcfg.batch_size)
-  time_step(f"stage3_train_b{b}", representation_stage.make_step(s_def, s_rngs, e_def, e_rngs, tx, sched, 1.0, rcfg),
-            state, {"mu": jax.random.normal(jax.random.key(6), (b,) + lat),
-                    "image": jax.random.uniform(jax.random.key(7), (b,) + img)}, b)
-  if torch is not None:
+  if want("stage3_train"):
+    rcfg = config.train.representation.copy_and_resolve_references()
+    shift = models.build_shift_unet(config, nnx.Rngs(params=0, dropout=1))
+    enc = models.build_encoder(config, nnx.Rngs(params=2, dropout=3))
+    s_def, sp, s_rngs, s_rest = st.split_model(shift, representation_stage.SHIFT_TRAINABLE)
+    e_def, ep, e_rngs, e_rest = st.split_model(enc)
+    tx = representation_stage.make_optimizer(rcfg)
+    state = st.create_state({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest}, tx, seed=0,
+                            with_ema=rcfg.ema_decay > 0)
+    b = int(rcfg.batch_size)
+    time_step(f"stage3_train_b{b}", representation_stage.make_step(s_def, s_rngs, e_def, e_rngs, tx, sched, 1.0, rcfg),
+              state, {"mu": jax.random.normal(jax.random.key(6), (b,) + lat),
+                      "image": jax.random.uniform(jax.random.key(7), (b,) + img)}, b)
+  if torch is not None and want("torch_resblock"):
     out["torch_resblock"] = torch_resblocks(torch, config, repeats)
   return out
 
@@ -423,11 +445,17 @@ def main() -> int:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--networks", default="", help="ops: comma list of autoencoder,discriminator,unet,shift_unet,encoder")
+  p.add_argument("--nets", default="", help="nets: comma list of " + ",".join(NET_WORKLOADS) + " (default all)")
   p.add_argument("--alternatives", action="store_true",
                  help="ops: also time the rejected forms (kD-tap sum of 2D convs, im2col + one matmul)")
+  p.add_argument("--cpu_devices", type=int, default=1,
+                 help="nets: CPU devices the steps run data-parallel over (0: JAX's default; train.py uses one "
+                      "per core, config.mesh.cpu_devices)")
   p.add_argument("--label", default="", help="tag of the JSON file name (e.g. before / after)")
   p.add_argument("--out_dir", default=str(pathlib.Path(__file__).parent / "results"))
   args = p.parse_args()
+  if args.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before anything starts the backend
   torch = None
   if not args.no_torch:
     try:
@@ -437,7 +465,7 @@ def main() -> int:
       torch = None
   config = cfglib.load_config(args.config)
   meta = {"cpu": host_cpu_model(), "affinity": sorted(os.sched_getaffinity(0)), "jax": jax.__version__,
-          "device": str(jax.devices()[0]), "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "device": str(jax.devices()[0]), "devices": jax.device_count(), "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "torch": None if torch is None else torch.__version__,
           "torch_threads": None if torch is None else torch.get_num_threads(), "config": args.config,
           "latent_shape": cfglib.latent_shape(config), "image_shape": tuple(config.data.image_shape),
@@ -448,7 +476,7 @@ def main() -> int:
     result["ops"] = run_ops(config, torch, args.repeats, set(filter(None, args.networks.split(","))),
                             args.alternatives)
   if args.part in ("nets", "all"):
-    result["nets"] = run_nets(config, torch, args.repeats)
+    result["nets"] = run_nets(config, torch, args.repeats, set(filter(None, args.nets.split(","))))
   out = pathlib.Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"cpu_ops_{args.label + '_' if args.label else ''}{args.part}_{meta['utc']}.json"

@@ -118,6 +118,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.param_sharding = "replicate"  # or "fsdp"
   c.mesh.fsdp_min_size = 2**16  # parameters with fewer elements stay replicated
+  # CPU only: JAX devices per process, so that the mesh runs on every core (XLA runs one CPU device's
+  # convolutions on ~one core). 0 = one per core, lowered until it divides every batch; see parallel/cpu_devices.
+  c.mesh.cpu_devices = 0
 
   # Multi-host initialisation (empty/-1: auto-detect on SLURM / TPU / env, or single process).
   c.distributed = ml_collections.ConfigDict()
@@ -245,6 +248,7 @@ def _validate_ranges(config: ml_collections.ConfigDict) -> None:
   for field in ("kl_weight", "adv_weight"):
     _check(config, f"train.autoencoder.{field}", non_negative, ">= 0")
   _check(config, "train.representation.encoder_lr_scale", positive, "> 0 (1 = the reference's one learning rate)")
+  _check(config, "mesh.cpu_devices", non_negative, "an integer >= 0 (0 = one CPU device per core)")
   _check(config, "train.latents_batch_size", at_least_one, "an integer >= 1")
   _check(config, "train.latents_records_per_shard", at_least_one, "an integer >= 1")
   for field in ("val_fraction", "test_fraction"):

@@ -51,6 +51,8 @@ def main(argv):
     from ldae_jax.evaluation import report  # pylint: disable=import-outside-toplevel
     config = _CONFIG.value
     cfglib.validate(config)
+    from ldae_jax.parallel import cpu_devices  # pylint: disable=import-outside-toplevel
+    cpu_devices.configure(config)  # before anything starts the backend
     if mode == "throughput":
       report.run_throughput(config, _DAE.value, batch=_BATCH.value, steps=_STEPS.value,
                             peak_tflops=_PEAK.value or None, workdir=_WORKDIR.value or None)

@@ -35,6 +35,8 @@ def main(argv):
     from ldae_jax.config import validate  # pylint: disable=import-outside-toplevel
     config = _CONFIG.value
     validate(config)
+    from ldae_jax.parallel import cpu_devices  # pylint: disable=import-outside-toplevel
+    cpu_devices.configure(config)  # before anything starts the backend
     from ldae_jax.parallel.distributed import maybe_initialize  # pylint: disable=import-outside-toplevel
     maybe_initialize(config.distributed)
     from ldae_jax.training import pipeline  # pylint: disable=import-outside-toplevel

@@ -121,11 +121,21 @@ def batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
 
 def map_batched(fn: Callable[..., dict], arrays: dict[str, np.ndarray], batch_size: int, *args,
                 desc: str = "") -> dict[str, np.ndarray]:
-  """Runs jitted `fn(*args, batch_dict)` over fixed-size batches (last padded) and concatenates real rows."""
+  """Runs jitted `fn(*args, batch_dict)` over fixed-size batches (last padded) and concatenates real rows.
+
+  Each batch is split over this process's devices when they divide `batch_size` (`args`, the model states,
+  replicated), so a CPU host split into one device per core (parallel/cpu_devices) evaluates on every core.
+  """
   n = len(next(iter(arrays.values())))
+  devices = jax.local_devices()
+  if batch_size % len(devices):
+    devices = devices[:1]
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+  args = jax.device_put(args, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   outs: dict[str, list] = {}
   for idx, real in progress.bar(list(batches(n, batch_size)), desc=desc, unit="batch", leave=False):
-    res = jax.device_get(fn(*args, {k: v[idx] for k, v in arrays.items()}))
+    res = jax.device_get(fn(*args, jax.device_put({k: v[idx] for k, v in arrays.items()}, rows)))
     for k, v in res.items():
       outs.setdefault(k, []).append(np.asarray(v)[:real])
   return {k: np.concatenate(v) for k, v in outs.items()}
