@@ -302,13 +302,14 @@ def test_reader_rejects_bad_arguments(written):
     S.LatentDataset(d, fields=("mu", "weights"))
 
 
-def test_to_global_builds_sharded_arrays(written):
+def test_global_batch_from_local_builds_sharded_arrays(written):
   import jax
+  from ldae_jax.parallel import mesh as pmesh
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   d, _ = written
   batch = next(S.make_iterator(d, global_batch_size=4, seed=0, fields=("mu", "label", "scan_id")))
   sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
-  out = S.to_global(batch, sharding)
+  out = pmesh.global_batch_from_local(batch, sharding)
   assert isinstance(out["mu"], jax.Array) and out["mu"].sharding == sharding
   assert _bits(np.asarray(out["mu"])) == _bits(batch["mu"])
   assert _bits(np.asarray(out["label"])) == _bits(batch["label"])
@@ -323,11 +324,12 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent("""
     pid, port, shard_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     from ldae_jax.data import shards as S
+    from ldae_jax.parallel import mesh as pmesh
     it = S.make_iterator(shard_dir, global_batch_size=4, seed=1, repeat=False, fields=("mu", "scan_id"))
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
     ids, shapes = [], []
     for b in it:
-      g = S.to_global(b, sharding)
+      g = pmesh.global_batch_from_local(b, sharding)
       shapes.append(list(g["mu"].shape))
       ids += b["scan_id"].tolist()
     json.dump({"ids": ids, "shapes": shapes, "pc": jax.process_count()}, open(out, "w"))

@@ -6,13 +6,11 @@
 The shuffle is global and identical on every process (same seed), and each process then takes every
 `process_count`-th element of the shuffled stream, so processes read disjoint records whose union is the
 epoch. The iterator's `get_state()` is a small JSON-able dict; `grain.checkpoint.CheckpointSave(it)` saves it
-with orbax. `to_global` turns a process-local batch into global `jax.Array`s.
+with orbax. `ldae_jax.parallel.mesh.global_batch_from_local` turns a process-local batch into global
+`jax.Array`s.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
 
 
 def ensure_absl_flags_parsed() -> None:
@@ -66,19 +64,3 @@ def batched(source, *, global_batch_size: int, seed: int, shuffle: bool = True, 
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                            per_worker_buffer_size=worker_buffer_size))
   return it_ds
-
-
-def to_global(batch: Mapping[str, Any], sharding) -> dict[str, Any]:
-  """Process-local batch -> global `jax.Array`s sharded by `sharding` along the batch axis.
-
-  Each process passes its own slice (leading dim = global/process_count); the global leading dim is the
-  sum over processes. String fields (subject, scan_id, diagnosis) cannot live on devices: they are returned
-  unchanged as process-local numpy arrays.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  out: dict[str, Any] = {}
-  for k, v in batch.items():
-    v = np.asarray(v)
-    out[k] = v if v.dtype.kind in "USO" else jax.make_array_from_process_local_data(sharding, v)
-  return out

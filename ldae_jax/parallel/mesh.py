@@ -199,9 +199,13 @@ def global_batch_from_local(local_batch: PyTree, sharding: NamedSharding) -> PyT
 
   Every process calls this with its `process_batch_slice` of the batch (the per-process batch is
   global_batch / process_count); the global leading dimension is inferred. On one process this is a
-  plain sharded device_put.
+  plain sharded device_put. String fields (subject, scan_id, diagnosis) cannot live on devices: they are
+  returned unchanged as process-local numpy arrays.
   """
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+  def one(x):
+    x = np.asarray(x)
+    return x if x.dtype.kind in "USO" else jax.make_array_from_process_local_data(sharding, x)
+  return jax.tree.map(one, local_batch)
 
 
 class AotCompiled(NamedTuple):

@@ -31,7 +31,6 @@ wrote), `reader` (metadata, checksums, `LatentDataset`, `read_all`, `field_mean`
 training stream built by `ldae_jax.data.grain_pipeline`).
 """
 
-from ldae_jax.data.grain_pipeline import to_global
 from ldae_jax.data.shards.reader import (LatentDataset, field_mean, make_dataset, make_iterator, read_all,
                                          read_metadata, verify)
 from ldae_jax.data.shards.record import (ALL_FIELDS, ARRAY_FIELDS, FORMAT_NAME, FORMAT_VERSION, IMAGE_ENCODINGS,
@@ -43,4 +42,4 @@ __all__ = ["ALL_FIELDS", "ARRAY_FIELDS", "FORMAT_NAME", "FORMAT_VERSION", "IMAGE
            "SCALAR_FIELDS", "SHARD_PATTERN", "LatentDataset", "ShardError", "ShardWriter", "decode_record",
            "encode_record", "field_mean", "make_dataset", "make_iterator", "merge",
            "merged_stats", "quantize_image", "read_all",
-           "read_metadata", "to_global", "verify"]
+           "read_metadata", "verify"]
