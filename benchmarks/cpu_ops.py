@@ -305,13 +305,11 @@ def run_nets(config, torch, repeats: int, only: set[str] | None = None) -> dict:
   lat = cfglib.latent_shape(config)
   img = tuple(config.data.image_shape) + (1,)
   sched = schedule_lib.make_schedule(config.diffusion)
-  mesh = pmesh.make_mesh(config.mesh)
-  one = pmesh.make_mesh(config.mesh, jax.devices()[:1])
-  out = {"devices": int(mesh.devices.size)}
+  out = {"devices": jax.device_count()}
 
   def placed(batch_size):
-    """(replicated sharding, batch sharding) of the mesh that splits `batch_size`."""
-    m = mesh if batch_size % mesh.devices.size == 0 else one
+    """(mesh, replicated sharding, batch sharding) of the devices that split `batch_size`."""
+    m = pmesh.local_mesh_splitting(batch_size)
     return m, pmesh.replicated(m), pmesh.batch_sharding(m)
 
   def place_state(state, m):
@@ -465,7 +463,8 @@ def main() -> int:
       torch = None
   config = cfglib.load_config(args.config)
   meta = {"cpu": host_cpu_model(), "affinity": sorted(os.sched_getaffinity(0)), "jax": jax.__version__,
-          "device": str(jax.devices()[0]), "devices": jax.device_count(), "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "device": str(jax.devices()[0]), "devices": jax.device_count(), "backend": jax.default_backend(),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "torch": None if torch is None else torch.__version__,
           "torch_threads": None if torch is None else torch.get_num_threads(), "config": args.config,
           "latent_shape": cfglib.latent_shape(config), "image_shape": tuple(config.data.image_shape),

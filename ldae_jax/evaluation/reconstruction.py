@@ -27,6 +27,7 @@ from ldae_jax import progress
 from ldae_jax.data import latents, shards
 from ldae_jax.diffusion import ddim as ddim_lib, schedule as schedule_lib
 from ldae_jax.evaluation import metrics
+from ldae_jax.parallel import mesh as pmesh
 from ldae_jax.workdir import AUTOENCODER, REPRESENTATION, Workdir
 
 SCALAR_FIELDS = ("subject", "scan_id", "diagnosis", "age", "session_months")
@@ -127,12 +128,9 @@ def map_batched(fn: Callable[..., dict], arrays: dict[str, np.ndarray], batch_si
   replicated), so a CPU host split into one device per core (parallel/cpu_devices) evaluates on every core.
   """
   n = len(next(iter(arrays.values())))
-  devices = jax.local_devices()
-  if batch_size % len(devices):
-    devices = devices[:1]
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-  args = jax.device_put(args, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  mesh = pmesh.local_mesh_splitting(batch_size)
+  rows = pmesh.batch_sharding(mesh)
+  args = jax.device_put(args, pmesh.replicated(mesh))
   outs: dict[str, list] = {}
   for idx, real in progress.bar(list(batches(n, batch_size)), desc=desc, unit="batch", leave=False):
     res = jax.device_get(fn(*args, jax.device_put({k: v[idx] for k, v in arrays.items()}, rows)))

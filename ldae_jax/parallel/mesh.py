@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -77,6 +78,15 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
   if axis_type is not None:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(axis_type.Auto,) * len(MESH_AXES), devices=devices)
   return jax.make_mesh(shape, MESH_AXES, devices=devices)  # pragma: no cover (JAX without AxisType)
+
+
+def local_mesh_splitting(batch_size: int) -> Mesh:
+  """A data-parallel mesh over this process's devices when they split `batch_size` evenly, else over the first
+  of them: for per-process work (evaluation, benchmarks) whose batches need not fit the training mesh."""
+  devices = jax.local_devices()
+  if batch_size % len(devices):
+    devices = devices[:1]
+  return make_mesh(types.SimpleNamespace(data=-1, fsdp=1), devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
