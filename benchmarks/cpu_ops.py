@@ -47,7 +47,7 @@ from ldae_jax.evaluation.throughput import host_cpu_model  # noqa: E402
 from ldae_jax.models import conv as convlib, layers  # noqa: E402
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
-NET_WORKLOADS = ("unet_forward", "ldm_train", "autoencoder_train", "stage3_train", "torch_resblock")
+NET_WORKLOADS = ("unet_forward", "ldm_train", "autoencoder_train", "encoder_train", "stage3_train", "torch_resblock")
 
 
 
@@ -365,6 +365,19 @@ def run_nets(config, torch, repeats: int, only: set[str] | None = None) -> dict:
     b = int(acfg.batch_size)
     time_step(f"autoencoder_train_b{b}", autoencoder_stage.make_step(g_def, g_rngs, d_def, d_rngs, tx, acfg), state,
               {"image": jax.random.uniform(jax.random.key(3), (b,) + img)}, b)
+
+  if want("encoder_train"):
+    # The semantic encoder alone (forward + gradient of a scalar of its code) at stage 3's batch: which part of
+    # the stage-3 step scales with the devices and which does not.
+    b = int(config.train.representation.batch_size)
+    e_def, ep, e_rngs, e_rest = st.split_model(models.build_encoder(config, nnx.Rngs(params=2, dropout=3)))
+
+    def encoder_step(p, batch):
+      loss = lambda q: jnp.mean(jnp.square(st.merge_model(e_def, q, e_rngs, e_rest)(batch["image"])))
+      value, grads = jax.value_and_grad(loss)(p)
+      return jax.tree.map(lambda w, g: w - 1e-3 * g, p, grads), value
+
+    time_step(f"encoder_train_b{b}", encoder_step, ep, {"image": jax.random.uniform(jax.random.key(7), (b,) + img)}, b)
 
   if want("stage3_train"):
     rcfg = config.train.representation.copy_and_resolve_references()

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ldae_jax.models.conv import conv_general_dilated
 from ldae_jax.models.init import torch_bias_init
 
 _w_init = nnx.initializers.truncated_normal(stddev=0.02)
@@ -53,7 +54,8 @@ def _layer_norm(ch: int, dtype, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerN
 def _conv2d(in_ch: int, out_ch: int, k: int, *, stride: int = 1, padding="VALID", groups: int = 1, dtype,
             rngs: nnx.Rngs, bias_init=_zeros) -> nnx.Conv:
   return nnx.Conv(in_ch, out_ch, (k, k), strides=(stride, stride), padding=padding, feature_group_count=groups,
-                  kernel_init=_w_init, bias_init=bias_init, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                  kernel_init=_w_init, bias_init=bias_init, dtype=dtype, param_dtype=jnp.float32,
+                  conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 def stochastic_depth(x: jax.Array, p: float, key: jax.Array | None) -> jax.Array:
