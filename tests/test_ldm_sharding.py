@@ -1,8 +1,9 @@
 """The real stage-2 step (`ldm_stage.make_step`: UNet eps loss with dropout, clip, Adam, EMA) gives the same
 losses on 8 simulated devices - data x FSDP (2 x 4) with sharded parameters, optimizer state and EMA - as on a
-1-device mesh for the same global batch. One interpreter with 8 host devices runs both meshes
-(`--xla_force_host_platform_device_count` is read when the backend starts); the 1-device mesh uses the first
-device only."""
+1-device mesh for the same global batch, from a step-0 state that the stages' sharded initialisation
+(`training.common.initial_state`) builds straight into its shardings and that equals the host build. One
+interpreter with 8 host devices runs both meshes (`--xla_force_host_platform_device_count` is read when the
+backend starts); the 1-device mesh uses the first device only."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ldae_jax.config import default_config, latent_shape
 from ldae_jax.diffusion.schedule import make_schedule
 from ldae_jax.models import build_unet
 from ldae_jax.parallel import mesh as pmesh
-from ldae_jax.training import ldm_stage, state as st
+from ldae_jax.training import common, ldm_stage, state as st
 
 c = default_config()
 c.data.image_shape = (16, 16, 16); c.autoencoder.channels = (4, 8, 8)
@@ -40,12 +41,24 @@ for layout in sys.argv[1].split(","):
   data, fsdp, mode = layout.split(":")
   c.mesh.data, c.mesh.fsdp, c.mesh.param_sharding, c.mesh.fsdp_min_size = int(data), int(fsdp), mode, 64
   mesh = pmesh.make_mesh(c.mesh, jax.devices()[:int(data) * int(fsdp)])
-  graphdef, params, rngs, rest = st.split_model(build_unet(c, nnx.Rngs(params=0, dropout=1)))
+  build = lambda: build_unet(c, nnx.Rngs(params=0, dropout=1))
+  graphdef, _, rngs, _ = st.abstract_model(build)
   tx = st.make_optimizer(c.train.ldm)
-  state = st.create_state(params, rest, tx, seed=5, with_ema=True)
+
+  def init():
+    _, params, _, rest = st.split_model(build())
+    return st.create_state(params, rest, tx, seed=5, with_ema=True)
+
   step = ldm_stage.make_step(graphdef, rngs, tx, make_schedule(c.diffusion), 0.9, c.train.ldm)
-  shardings = pmesh.shardings_from_config(state, mesh, c.mesh)
-  state = pmesh.shard_like(state, shardings)
+  # The stages' sharded initialisation: one jit straight into the shardings; it must equal the host build.
+  spec = common.StageSpec(name="ldm", init_state=init, step_fn=step, make_iterator=None, batch_shapes={},
+                          samples_per_step=8)
+  state, shardings = common.initial_state(spec, mesh, c)
+  host = init()
+  init_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                  for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(host)))
+  k0 = state.params["output_blocks"][0][0]["in_layers_2"]["kernel"]
+  init_shards = sorted({tuple(sh.data.shape) for sh in k0.addressable_shards})
   batch_sh = pmesh.batch_sharding(mesh)
   jitted = jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, pmesh.replicated(mesh)),
                    donate_argnums=(0,))
@@ -59,7 +72,8 @@ for layout in sys.argv[1].split(","):
   out[layout] = {"losses": losses, "devices": int(mesh.devices.size),
                  "ema_sum": float(sum(jnp.sum(x) for x in jax.tree.leaves(state.ema))),
                  "kernel_shards": len(kernel.addressable_shards) if mode == "fsdp" else 0,
-                 "kernel_shard_shape": list(kernel.addressable_shards[0].data.shape)}
+                 "kernel_shard_shape": list(kernel.addressable_shards[0].data.shape),
+                 "init_diff": init_diff, "init_shard_shapes": [list(x) for x in init_shards]}
 print("RESULT " + json.dumps(out))
 """
 
@@ -86,6 +100,9 @@ def test_ldm_step_on_8_devices_matches_1_device():
   for layout, r in eight.items():
     np.testing.assert_allclose(r["losses"], one["losses"], rtol=RTOL, err_msg=layout)
     np.testing.assert_allclose(r["ema_sum"], one["ema_sum"], rtol=RTOL, err_msg=layout)
+  # The jit-initialised step-0 state equals the host-built one (to float32 rounding) and is born sharded.
+  assert one["init_diff"] < 1e-6 and eight["2:4:fsdp"]["init_diff"] < 1e-6
+  assert eight["2:4:fsdp"]["init_shard_shapes"] == [eight["2:4:fsdp"]["kernel_shard_shape"]]
   # FSDP really split the (3,3,3,cin,cout) kernel over the 4-way fsdp axis (8 devices hold 8 shards).
   assert eight["2:4:fsdp"]["kernel_shards"] == 8
   assert eight["2:4:fsdp"]["kernel_shard_shape"][-1] * 4 == one["kernel_shard_shape"][-1] or \

@@ -131,12 +131,17 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
   print("[autoencoder] perceptual (LPIPS) term: not implemented; "
         f"discriminator gradient leak of the reference: {'ON' if cfg.reference_disc_grad_leak else 'off'}",
         flush=True)
-  ae, disc = build_networks(config)
-  g_def, gp, g_rngs, g_rest = st.split_model(ae)
-  d_def, dp, d_rngs, d_rest = st.split_model(disc)
+  g_def, gp, g_rngs, _ = st.abstract_model(lambda: build_networks(config)[0])
+  d_def, dp, d_rngs, _ = st.abstract_model(lambda: build_networks(config)[1])
   tx = {"g": st.make_optimizer(cfg), "d": st.make_optimizer(cfg, lr=cfg.lr_disc)}
-  state = st.create_state({"g": gp, "d": dp}, {"g": g_rest, "d": d_rest}, tx, seed=config.seed + 2,
-                          with_ema=cfg.ema_decay > 0)
+
+  def init_state():
+    ae, disc = build_networks(config)
+    _, g_params, _, g_rest = st.split_model(ae)
+    _, d_params, _, d_rest = st.split_model(disc)
+    return st.create_state({"g": g_params, "d": d_params}, {"g": g_rest, "d": d_rest}, tx, seed=config.seed + 2,
+                           with_ema=cfg.ema_decay > 0)
+
   train = volumes.splits(config, workdir)["train"]
   gbs = int(cfg.batch_size) * int(cfg.grad_accum)
 
@@ -145,7 +150,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
 
   shape = (gbs,) + tuple(config.data.image_shape) + (1,)
   return common.StageSpec(
-      name=NAME, state=state, step_fn=make_step(g_def, g_rngs, d_def, d_rngs, tx, cfg), make_iterator=make_iterator,
+      name=NAME, init_state=init_state, step_fn=make_step(g_def, g_rngs, d_def, d_rngs, tx, cfg), make_iterator=make_iterator,
       batch_shapes={"image": jax.ShapeDtypeStruct(shape, jnp.float32)}, samples_per_step=gbs,
       extra_summary={"train_scans": len(train), "autoencoder_parameters": st.count_params(gp),
                      "discriminator_parameters": st.count_params(dp),

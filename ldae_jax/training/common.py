@@ -1,8 +1,11 @@
 """What every trained stage does the same way: place the state on the mesh, compile the step ahead of
 time, resume from the newest checkpoint, run the loop and write the summary.
 
-A stage module builds its networks, a step-0 `TrainState`, a pure step function `(state, batch) ->
-(state, metrics)`, a grain iterator and abstract batch shapes; `train_stage` does the rest.
+A stage module gives a function that builds its step-0 `TrainState`, a pure step function `(state, batch) ->
+(state, metrics)`, a grain iterator and abstract batch shapes; `train_stage` does the rest. The step-0 state is
+built by one `jax.jit(init_state, out_shardings=...)` (big_vision's and maxdiffusion's sharded initialisation):
+each device computes only its own shards of the weights, optimizer moments and EMA, so a state sharded over
+the mesh never has to exist whole on one device or on the host.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ class StageSpec:
 
   Attributes:
     name: stage name (directory under the workdir, config.train block).
-    state: step-0 `TrainState` (host or device arrays; placed by `train_stage`).
+    init_state: pure `(*init_args) -> step-0 TrainState`, traced once by `jax.eval_shape` (for the shardings)
+      and once by `jax.jit(..., out_shardings=...)`; networks are built inside it.
+    init_args: host pytrees `init_state` needs (weights loaded from files, e.g. stage 3's frozen UNet), placed
+      replicated before the call; () when everything is initialised from the seed.
     step_fn: pure `(state, batch) -> (state, metrics)`; metrics are float32 scalars.
     make_iterator: `() -> iterator` of process-local host batches with get_state/set_state.
     batch_shapes: `{field: jax.ShapeDtypeStruct}` of one *global* batch (for AOT compilation).
@@ -41,13 +47,14 @@ class StageSpec:
       `heldout_`) at every log step so that a run that stops learning what it is for shows it early.
   """
   name: str
-  state: TrainState
+  init_state: Callable[..., TrainState]
   step_fn: Callable[[TrainState, PyTree], tuple[TrainState, dict]]
   make_iterator: Callable[[], Iterator]
   batch_shapes: dict[str, jax.ShapeDtypeStruct]
   samples_per_step: int
   extra_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
   heldout_fn: Callable[[TrainState], dict] | None = None
+  init_args: tuple = ()
 
 
 def remove_empty_dirs(root: str | os.PathLike, *, keep_root: bool = False) -> None:
@@ -67,6 +74,15 @@ def state_shardings(state: TrainState, mesh, config: ml_collections.ConfigDict) 
   return pmesh.shardings_from_config(state, mesh, config.mesh)
 
 
+def initial_state(spec: StageSpec, mesh, config: ml_collections.ConfigDict) -> tuple[TrainState, PyTree]:
+  """(step-0 state built straight into its shardings, those shardings)."""
+  abstract = jax.eval_shape(spec.init_state, *spec.init_args)
+  shardings = state_shardings(abstract, mesh, config)
+  replicated = pmesh.replicated(mesh)
+  args = pmesh.shard_like(spec.init_args, jax.tree.map(lambda _: replicated, spec.init_args))
+  return jax.jit(spec.init_state, out_shardings=shardings)(*args), shardings
+
+
 def train_stage(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                 mesh=None, stop_at: int | None = None) -> dict[str, Any] | None:
   """Places, compiles, resumes and runs `spec`; returns the summary (None when stopped at `stop_at`)."""
@@ -75,8 +91,7 @@ def train_stage(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
   sdir = wd.stage_dir(spec.name)
   sdir.mkdir(parents=True, exist_ok=True)
   mesh = pmesh.make_mesh(config.mesh) if mesh is None else mesh
-  shardings = state_shardings(spec.state, mesh, config)
-  state = pmesh.shard_like(spec.state, shardings)
+  state, shardings = initial_state(spec, mesh, config)
   data_sharding = pmesh.batch_sharding(mesh)
   for k, s in spec.batch_shapes.items():
     pmesh.batch_size_per_device(s.shape[0], mesh)  # raises naming the config field when uneven

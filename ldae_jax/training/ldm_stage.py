@@ -103,10 +103,14 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
   meta = shards.read_metadata(sdir)
   shape = latents.check_latent_shape(config, meta, str(sdir))
   scale = latents.scale_factor(config, meta, str(sdir))
-  unet = build_unet(config, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-  graphdef, params, rng_state, rest = st.split_model(unet)
+  build_net = lambda: build_unet(config, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+  graphdef, _, rng_state, _ = st.abstract_model(build_net)
   tx = st.make_optimizer(cfg)
-  state = st.create_state(params, rest, tx, seed=config.seed + 2, with_ema=cfg.ema_decay > 0)
+
+  def init_state():
+    _, params, _, rest = st.split_model(build_net())
+    return st.create_state(params, rest, tx, seed=config.seed + 2, with_ema=cfg.ema_decay > 0)
+
   sched = make_schedule(config.diffusion)
   gbs = int(cfg.batch_size) * int(cfg.grad_accum)
 
@@ -116,7 +120,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
 
   val = latents.heldout_records(wd.shards("val"), HELDOUT_SCANS)
   return common.StageSpec(
-      name=NAME, state=state, step_fn=make_step(graphdef, rng_state, tx, sched, scale, cfg),
+      name=NAME, init_state=init_state, step_fn=make_step(graphdef, rng_state, tx, sched, scale, cfg),
       make_iterator=make_iterator, batch_shapes={"mu": jax.ShapeDtypeStruct((gbs,) + shape, jnp.float32)},
       samples_per_step=gbs, extra_summary={"scale_factor": scale, "train_records": int(meta["count"])},
       heldout_fn=None if val is None else make_heldout_eps_fn(graphdef, rng_state, sched, scale, val["mu"]))

@@ -150,8 +150,12 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
   s_def, sp, s_rngs, s_rest = st.split_model(shift_unet, SHIFT_TRAINABLE)
   e_def, ep, e_rngs, e_rest = st.split_model(encoder)
   tx = make_optimizer(cfg)
-  state = st.create_state({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest}, tx,
-                          seed=config.seed + 14, with_ema=cfg.ema_decay > 0)
+
+  # The networks are built on the host here (the frozen UNet, the template and a pretrained backbone are
+  # loaded into them from files); the optimizer moments and the EMA are created on the mesh.
+  def init_state(params, rest):
+    return st.create_state(params, rest, tx, seed=config.seed + 14, with_ema=cfg.ema_decay > 0)
+
   sched = make_schedule(config.diffusion)
   gbs = int(cfg.batch_size) * int(cfg.grad_accum)
 
@@ -165,7 +169,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
     val = None
   heldout = None if val is None else make_heldout_code_use_fn(s_def, s_rngs, e_def, e_rngs, sched, scale, val)
   return common.StageSpec(
-      name=NAME, state=state,
+      name=NAME, init_state=init_state,
+      init_args=({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest}),
       step_fn=make_step(s_def, s_rngs, e_def, e_rngs, tx, sched, scale, cfg,
                         code_norm_enabled=config.encoder.code_norm == "template"),
       make_iterator=make_iterator,
