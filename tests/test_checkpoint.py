@@ -1,7 +1,8 @@
 """Checkpoints: a TrainState written on 8 simulated devices (FSDP-sharded) restores on 1 device, with the
 grain iterator position; keep-last-N. Each device count runs in its own subprocess (XLA_FLAGS is read at
-backend start). A later stage's read of the EMA weights alone (`restore_ema_weights`): exactly the newest EMA,
-the parameters without one, and errors that name the path and the fix. Asynchronous saves killed mid-write or
+backend start); the data position is grain's own per-process file, and each of 2 processes resumes its own.
+A later stage's read of the EMA weights alone (`restore_ema_weights`): exactly the newest EMA, the parameters
+without one, and errors that name the path and the fix. Asynchronous saves killed mid-write or
 overlapped with a donating step restore exactly what was saved."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
-import sys, numpy as np, jax, jax.numpy as jnp
+import sys, grain, numpy as np, jax, jax.numpy as jnp
 from ldae_jax.config import default_config
 from ldae_jax.parallel import mesh as pmesh
 from ldae_jax.training import state as st
@@ -35,16 +36,20 @@ mesh = pmesh.make_mesh(c.mesh)
 sh = pmesh.shardings_from_config(state, mesh, c.mesh)
 state = pmesh.shard_like(state, sh)
 ck = Checkpointer(path, keep=2)
+it = iter(grain.MapDataset.range(1000).to_iter_dataset())
 if mode == "save":
   assert len(state.params["conv"]["kernel"].sharding.device_set) == n
   for s in (1, 2, 3):
     state = state.replace(step=state.step + 1, params=jax.tree.map(lambda x: x + 1, state.params))
-    ck.save(s, state, {"next_index": 10 * s})
+    for _ in range(10):
+      next(it)
+    ck.save(s, state, it)
   np.save(path + "_expected.npy", np.asarray(state.params["conv"]["kernel"]))
 else:
-  restored, data = ck.restore(state)
+  restored = ck.restore(state, iterator=it)
   assert ck.all_steps() == [2, 3], ck.all_steps()
-  assert int(restored.step) == 3 and data == {"next_index": 30}, (restored.step, data)
+  position = int(next(it))
+  assert int(restored.step) == 3 and position == 30, (restored.step, position)
   np.testing.assert_array_equal(np.asarray(restored.params["conv"]["kernel"]), np.load(path + "_expected.npy"))
   np.testing.assert_array_equal(np.asarray(restored.ema["conv"]["kernel"]), np.asarray(params["conv"]["kernel"]))
   assert restored.params["conv"]["kernel"].sharding == sh.params["conv"]["kernel"]
@@ -70,22 +75,27 @@ def test_checkpoint_from_8_devices_restores_on_1(tmp_path):
 
 
 KILL_SCRIPT = r"""
-import os, sys, numpy as np, jax, jax.numpy as jnp
+import os, sys, grain, numpy as np, jax, jax.numpy as jnp
 from ldae_jax.training.checkpoint import Checkpointer
 path, mode = sys.argv[1], sys.argv[2]
 ck = Checkpointer(path, keep=5)
+def at(n):  # a grain iterator at position n
+  it = iter(grain.MapDataset.range(100).to_iter_dataset())
+  for _ in range(n):
+    next(it)
+  return it
 big = lambda v: {"w": jnp.full((64, 1024, 256), v, jnp.float32), "step": jnp.int32(v)}  # 64 MiB
-ck.save(1, big(1.0), {"next_index": 1})
+ck.save(1, big(1.0), at(1))
 if mode == "donate":  # the step after a save donates the state's buffers while orbax writes them
   state = big(1.0)
-  ck.save(2, state, {"next_index": 2})
+  ck.save(2, state, at(2))
   state = jax.jit(lambda s: jax.tree.map(lambda x: x * 0 + 7, s), donate_argnums=0)(state)
   jax.block_until_ready(state)
   ck.close()
   print("DONATED_OK", flush=True)
   sys.exit(0)
 ck.wait()
-ck.save(2, big(2.0), {"next_index": 2})
+ck.save(2, big(2.0), at(2))
 print("SAVE_STARTED", flush=True)
 os._exit(9)  # killed mid-save: no wait, no close
 """
@@ -98,6 +108,7 @@ def _kill_run(path, mode):
 
 
 def test_a_kill_during_an_async_save_leaves_only_checkpoints_that_restore_right(tmp_path):
+  import grain  # pylint: disable=import-outside-toplevel
   from ldae_jax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   out = _kill_run(tmp_path / "ck", "kill")
   assert out.returncode == 9 and "SAVE_STARTED" in out.stdout, out.stderr[-3000:]
@@ -105,24 +116,64 @@ def test_a_kill_during_an_async_save_leaves_only_checkpoints_that_restore_right(
   assert ck.latest_step() in (1, 2)  # step 2 counts only if it was committed before the kill
   for step in ck.all_steps():
     target = {"w": jax.ShapeDtypeStruct((64, 1024, 256), np.float32), "step": jax.ShapeDtypeStruct((), np.int32)}
-    state, data = ck.restore(target, step)
-    assert int(state["step"]) == step and data == {"next_index": step}
+    it = iter(grain.MapDataset.range(100).to_iter_dataset())
+    state = ck.restore(target, step, iterator=it)
+    assert int(state["step"]) == step and int(next(it)) == step
     assert float(np.min(state["w"])) == float(np.max(state["w"])) == float(step)
   ck.close()
   out = _kill_run(tmp_path / "donate", "donate")
   assert out.returncode == 0 and "DONATED_OK" in out.stdout, out.stderr[-3000:]
   ck = Checkpointer(tmp_path / "donate", asynchronous=False)
   assert ck.all_steps() == [1, 2]
-  state, _ = ck.restore({"w": jax.ShapeDtypeStruct((64, 1024, 256), np.float32),
-                         "step": jax.ShapeDtypeStruct((), np.int32)}, 2)
+  state = ck.restore({"w": jax.ShapeDtypeStruct((64, 1024, 256), np.float32),
+                      "step": jax.ShapeDtypeStruct((), np.int32)}, 2)
   assert float(np.max(np.abs(np.asarray(state["w"]) - 1.0))) == 0.0  # the saved values, not the donated step's
   ck.close()
 
 
-def test_data_state_roundtrip_bytes_and_dict():
-  from ldae_jax.training.checkpoint import _decode_data_state, _encode_data_state
-  for s in (None, b"\x00\x01grain", {"next_index": 5, "nested": [1, 2]}):
-    assert _decode_data_state(_encode_data_state(s)) == s
+def test_a_missing_data_position_is_an_error_naming_what_is_there(tmp_path, monkeypatch):
+  import grain  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from ldae_jax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  target = {"w": jax.ShapeDtypeStruct((3,), np.float32)}
+  ck = Checkpointer(tmp_path / "no_data", asynchronous=False)
+  ck.save(1, {"w": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"no data position for process 0 of 1 \(found: none\)"):
+    ck.restore(target, iterator=iter(grain.MapDataset.range(5).to_iter_dataset()))
+  assert float(ck.restore(target)["w"][0]) == 1.0  # the weights alone still restore
+  ck.close()
+  ck = Checkpointer(tmp_path / "one_process", asynchronous=False)
+  it = iter(grain.MapDataset.range(5).to_iter_dataset())
+  next(it)
+  ck.save(1, {"w": jnp.ones(3)}, it)
+  assert (tmp_path / "one_process/1/data/process_0-of-1.json").exists()  # grain's own per-process file
+  monkeypatch.setattr(jax, "process_count", lambda: 2)  # resumed by a job with another process count
+  with pytest.raises(ValueError, match=r"process 0 of 2 \(found: process_0-of-1.json\).*process count"):
+    ck.restore(target, iterator=iter(grain.MapDataset.range(5).to_iter_dataset()))
+  ck.close()
+
+
+def test_each_process_resumes_its_own_data_position(tmp_path):
+  """2 processes save one checkpoint with iterators at different positions; each restores its own (the orbax
+  JSON item used before was written by process 0 alone: every process resumed at process 0's position, which
+  was harmless only while all positions were equal)."""
+  sys.path.insert(0, str(pathlib.Path(__file__).parent / "multiprocess"))
+  import grain  # pylint: disable=import-outside-toplevel
+  import harness  # pylint: disable=import-outside-toplevel
+  from ldae_jax.training.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  script = pathlib.Path(__file__).parent / "multiprocess" / "checkpoint_peer.py"
+  for mode in ("save", "restore"):
+    runs = harness.run_script(script, [[f"--dir={tmp_path / 'ck'}", f"--mode={mode}"]] * 2, timeout_s=180)
+    assert all(rc == 0 for rc, _, _ in runs), "\n".join(out[-2000:] for _, out, _ in runs)
+  assert [l for _, out, _ in runs for l in out.splitlines() if l.startswith("POSITION")] == ["POSITION 3",
+                                                                                          "POSITION 7"]
+  assert sorted(p.name for p in (tmp_path / "ck/1/data").glob("process_*")) == ["process_0-of-2.json",
+                                                                       "process_1-of-2.json"]
+  ck = Checkpointer(tmp_path / "ck", asynchronous=False)  # one process resuming a 2-process run's stream
+  with pytest.raises(ValueError, match=r"process 0 of 1 \(found: process_0-of-2.json, process_1-of-2.json\)"):
+    ck.restore({"w": jax.ShapeDtypeStruct((4,), np.float32)},
+               iterator=iter(grain.MapDataset.range(100).to_iter_dataset()))
+  ck.close()
 
 
 # ---------------------------------------------------------------------------------------- restore_ema_weights

@@ -181,7 +181,7 @@ def test_heldout_metrics_are_logged_and_code_norm_statistics_move(tmp_path):
   from ldae_jax.training.checkpoint import Checkpointer
   spec = representation_stage.build(c, tmp_path)
   ck = Checkpointer(Workdir(tmp_path).checkpoints(REPRESENTATION))
-  state, _ = ck.restore(spec.init_state(*spec.init_args))
+  state = ck.restore(spec.init_state(*spec.init_args))
   ck.close()
   stats = state.rest["encoder"]["code_norm"]
   train_images = shards.read_all(Workdir(tmp_path).shards("train"), ("image",))["image"]

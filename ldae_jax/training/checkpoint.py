@@ -2,7 +2,9 @@
 
 One `CheckpointManager` per stage directory (`DIR/<stage>/checkpoints/<step>/`), two items per step:
 `state` (parameters, optimizer state, EMA, step, RNG key, non-trainable state; `StandardSave`) and `data`
-(the grain iterator's `get_state()`, taken when the save is asked for, JSON). Saves are asynchronous: orbax
+(the grain iterator's position, written by grain's own orbax handler, `grain.checkpoint.CheckpointSave`: one
+`process_<i>-of-<n>.json` per process, so every host resumes its own slice of the stream, taken when the save
+is asked for). Saves are asynchronous: orbax
 copies the arrays off the devices before `save` returns (so the next step may donate them) and writes them in
 a background thread while training goes on; `close` waits for the last one. Each step is written to a
 temporary directory and renamed when complete, so a run killed mid-save leaves the previous checkpoint intact
@@ -16,13 +18,13 @@ parameters) and the parts of the non-trainable state asked for, targets built wi
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import logging
 import os
 import pathlib
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -31,26 +33,19 @@ log = logging.getLogger(__name__)  # shown by the CLIs (ldae_jax.cli.common.setu
 
 PyTree = Any
 STATE_ITEM = "state"  # the folder of a step that `Checkpointer.save` writes the TrainState to (its `state=` item)
+DATA_ITEM = "data"  # ... and the grain iterator's position to
 
 
-def _encode_data_state(state: Any) -> Any:
-  """grain iterator states are dicts (Dataset API) or bytes (DataLoader); JSON needs text."""
-  if state is None:
-    return {"kind": "none"}
-  if isinstance(state, (bytes, bytearray)):
-    return {"kind": "bytes", "b64": base64.b64encode(bytes(state)).decode("ascii")}
-  return {"kind": "json", "value": state}
-
-
-def _decode_data_state(blob: Any) -> Any:
-  kind = blob.get("kind")
-  if kind == "none":
-    return None
-  if kind == "bytes":
-    return base64.b64decode(blob["b64"])
-  if kind == "json":
-    return blob["value"]
-  raise ValueError(f"checkpoint data item has unknown kind {kind!r}")
+def _check_data_position(data_dir: pathlib.Path) -> None:
+  """grain's handler reads `process_<i>-of-<n>.json`; say what is there instead of its bare 'does not exist'."""
+  wanted = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if wanted.exists():
+    return
+  found = sorted(p.name for p in data_dir.glob("process_*.json")) if data_dir.is_dir() else []
+  raise ValueError(
+      f"checkpoint {data_dir.parent} holds no data position for process {jax.process_index()} of "
+      f"{jax.process_count()} (found: {', '.join(found) or 'none'}): it was written without one, or by a "
+      "different number of processes. Resume with the process count that wrote it, or use a fresh --workdir.")
 
 
 def abstract_like(tree: PyTree) -> PyTree:
@@ -77,35 +72,43 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: PyTree, data_state: Any = None) -> None:
-    """Starts writing checkpoint `step` (returns once the arrays are off the devices; orbax commits it
-    atomically in the background, after the previous save has finished)."""
-    self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_encode_data_state(data_state))), force=True)
+  def save(self, step: int, state: PyTree, iterator: Any = None) -> None:
+    """Starts writing checkpoint `step`: `state` and, when given, the position of the grain `iterator` (taken
+    now). Returns once the arrays are off the devices; orbax commits the step atomically in the background,
+    after the previous save has finished."""
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    if iterator is not None:
+      items[DATA_ITEM] = grain.checkpoint.CheckpointSave(iterator)
+    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
     log.info("saving checkpoint %d to %s", step, self.directory)
 
   def wait(self) -> None:
     """Blocks until every started save is committed."""
     self.manager.wait_until_finished()
 
-  def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, Any]:
-    """Restores `step` (default: the latest) onto the structure, dtypes and shardings of `target`.
+  def restore(self, target: PyTree, step: int | None = None, iterator: Any = None) -> PyTree:
+    """Restores `step` (default: the latest) onto the structure, dtypes and shardings of `target`; when a grain
+    `iterator` is given, also moves it to the saved position (in place).
 
-    Returns (state, data_state). Raises FileNotFoundError naming the directory when there is nothing to
-    restore, and ValueError when the saved tree does not match `target` (different model config).
+    Raises FileNotFoundError naming the directory when there is nothing to restore, and ValueError when the
+    saved tree does not match `target` (different model config) or the step holds no position for this
+    process (written without an iterator, or by a different number of processes).
     """
     self.wait()
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_like(target))}
+    if iterator is not None:
+      _check_data_position(self.directory / str(step) / DATA_ITEM)
+      items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(iterator)
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_like(target)), data=ocp.args.JsonRestore()))
+      out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(
           f"checkpoint {self.directory}/{step} does not match the model built from the current config "
           f"(different sizes or networks?): {e}. Use the config that wrote it, or a fresh --workdir.") from e
-    return out["state"], _decode_data_state(out["data"])
+    return out[STATE_ITEM]
 
   def close(self) -> None:
     """Waits for the last save, then releases orbax's threads."""

@@ -39,7 +39,8 @@ class StageSpec:
     init_args: host pytrees `init_state` needs (weights loaded from files, e.g. stage 3's frozen UNet), placed
       replicated before the call; () when everything is initialised from the seed.
     step_fn: pure `(state, batch) -> (state, metrics)`; metrics are float32 scalars.
-    make_iterator: `() -> iterator` of process-local host batches with get_state/set_state.
+    make_iterator: `() -> grain DatasetIterator` of process-local host batches (checkpointed by grain's
+      orbax handler).
     batch_shapes: `{field: jax.ShapeDtypeStruct}` of one *global* batch (for AOT compilation).
     samples_per_step: examples consumed per optimizer step (global batch x accumulation).
     extra_summary: stage facts for summary.json (parameter counts, scale factor, ...).
@@ -109,10 +110,8 @@ def train_stage(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
   iterator = spec.make_iterator()
   start = 0
   if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(state)
+    state = ckpt.restore(state, iterator=iterator)
     start = int(jax.device_get(state.step))
-    if data_state is not None:
-      iterator.set_state(data_state)
     print(f"[{spec.name}] resumed from {ckpt.directory}/{start}", flush=True)
   fields = tuple(spec.batch_shapes)
   heldout = None if spec.heldout_fn is None else jax.jit(spec.heldout_fn, out_shardings=replicated)

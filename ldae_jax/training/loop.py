@@ -96,7 +96,7 @@ def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyT
 
   Args:
     step_fn: compiled step; its metrics dict holds scalars (the first key named `loss` is the headline).
-    iterator: yields host batches; must offer `get_state()` (grain) for exact resumption.
+    iterator: a grain iterator of host batches; its position is saved with every checkpoint.
     to_device: host batch -> global jax.Arrays on the batch sharding.
     stop_at: stop after this step (checkpointing it) without writing the summary, as a preemption would;
       used by the resume tests.
@@ -139,7 +139,7 @@ def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyT
                 f"{samples_per_s:.1f} samples/s{extra}", flush=True)
       bar.update(1)
       if done % checkpoint_every == 0 or done == end:
-        ckpt.save(done, state, iterator.get_state())
+        ckpt.save(done, state, iterator)
   finally:
     bar.close()
     writer.close()
