@@ -8,7 +8,8 @@ the stage's training batch), each timed forward and forward+backward as
   * `torch`: `torch.nn.functional.conv3d` / `group_norm` + `silu` (channels-last-3d and contiguous NCDHW, the
     faster one reported), when torch is importable - optional, never a dependency of the package.
   * with `--alternatives`, the forms tried and rejected: `tap_sum` (kD 2D convolutions summed, the previous CPU
-    form) and `im2col` (all taps concatenated, one matmul).
+    form), `im2col` (all taps concatenated, one matmul) and `depth_block{1,2,4}` (r output depths per 2D
+    convolution, `conv.depth_blocked_conv`; 1 is the plain depth fold; the code picks r by `conv.depth_block`).
 GFLOP/s count 2 * MACs of the convolution (x3 for forward+backward); GroupNorm reports GB/s of its input. The
 semantic encoder is traced too but records nothing: it runs 2D convolutions over slices and LayerNorm.
 Part `nets`: the project's own UNet forward and train steps (LDM, AE+discriminator, stage 3), and a PyTorch
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -173,6 +175,10 @@ def jax_conv_variants(rec, alternatives: bool):
     out["tap_sum"] = lambda x, w: tap_sum_conv(x, w, strides, pads, groups)
     if all(s == 1 for s in strides) and groups == 1:
       out["im2col"] = lambda x, w: im2col_conv(x, w, strides, pads)
+    if strides[0] == 1 and groups == 1:
+      for r in (1, 2, 4):
+        out[f"depth_block{r}"] = functools.partial(
+            lambda x, w, r: convlib.depth_blocked_conv(x, w, pads, r, strides[1:]), r=r)
   return out
 
 
@@ -274,7 +280,7 @@ def run_ops(config, torch, repeats: int, networks: set[str] | None = None, alter
       r["torch"] = time_torch_conv(torch, rec, repeats)
     out["convs"].append(r)
     line = f"conv {rec[0]} k{rec[1][:3]} {rec[1][3]}->{rec[1][4]} s{rec[2]} x{len(nets)} {sorted(set(nets))}"
-    for k in ("project", "xla3d", "tap_sum", "im2col", "torch"):
+    for k in ("project", "xla3d", "tap_sum", "im2col", "depth_block1", "depth_block2", "depth_block4", "torch"):
       if k in r:
         line += f"\n    {k:8s} fwd {r[k]['fwd_gflops']:6.1f} GFLOP/s ({r[k]['fwd_ms']:7.2f} ms)  " \
                 f"fwd+bwd {r[k]['fwdbwd_gflops']:6.1f} GFLOP/s ({r[k]['fwdbwd_ms']:7.2f} ms)"

@@ -56,6 +56,35 @@ def test_every_size_takes_the_depth_fold():
   assert conv._use_depth_taps(jnp.ones((4, 32, 40, 32, 8)), w, (1, 1, 1), None, None, DN)  # quickstart AE
 
 
+@pytest.mark.parametrize("r", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape,kernel,padding,hw_strides", [
+    ((2, 7, 6, 5, 3), (3, 3, 3), ((1, 1), (1, 1), (1, 1)), (1, 1)),  # 7 output depths: a ragged last block
+    ((1, 8, 6, 6, 2), (3, 3, 3), ((1, 1), (1, 1), (1, 1)), (2, 2)),  # strided in H and W
+    ((1, 6, 4, 4, 2), (3, 3, 3), ((0, 0), (0, 0), (0, 0)), (1, 1)),  # VALID: 4 output depths
+    ((1, 5, 4, 4, 2), (1, 1, 1), ((0, 0), (0, 0), (0, 0)), (1, 1)),
+])
+def test_depth_blocks_equal_xla_conv3d(r, shape, kernel, padding, hw_strides):
+  kx, kw = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(kx, shape, jnp.float32)
+  w = jax.random.normal(kw, kernel + (shape[-1], 5), jnp.float32)
+  ours = lambda x, w: conv.depth_blocked_conv(x, w, padding, r, hw_strides)
+  xla = lambda x, w: jax.lax.conv_general_dilated(x, w, (1,) + hw_strides, padding, dimension_numbers=DN)
+  np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
+  g_ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), argnums=(0, 1))(x, w)
+  g_xla = jax.grad(lambda x, w: jnp.sum(jnp.sin(xla(x, w))), argnums=(0, 1))(x, w)
+  for a, b in zip(g_ours, g_xla):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_depth_blocks_go_where_they_were_measured_to_pay():
+  assert conv.depth_block(1, 8, (32, 40, 32)) == 4   # the AE's input convolution
+  assert conv.depth_block(8, 1, (32, 40, 32)) == 4   # ... and its output convolution
+  assert conv.depth_block(8, 8, (32, 40, 32)) == 2
+  assert conv.depth_block(16, 16, (32, 40, 32)) == 2
+  assert conv.depth_block(16, 16, (16, 20, 16)) == 1
+  assert conv.depth_block(64, 64, (8, 5, 4)) == 1    # the UNet's widths keep the plain fold
+
+
 DN2 = ("NHWC", "HWIO", "NHWC")
 
 
