@@ -11,6 +11,14 @@ from ldae_jax.models import conv
 DN = ("NDHWC", "DHWIO", "NDHWC")
 
 
+def assert_same_values_and_gradients(ours, xla, x, w):
+  np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
+  g_ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), argnums=(0, 1))(x, w)
+  g_xla = jax.grad(lambda x, w: jnp.sum(jnp.sin(xla(x, w))), argnums=(0, 1))(x, w)
+  for a, b in zip(g_ours, g_xla):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape,kernel,strides,padding,groups", [
     ((2, 6, 8, 10, 3), (3, 3, 3), (1, 1, 1), ((1, 1), (1, 1), (1, 1)), 1),   # UNet / AE 'same' conv
     ((1, 7, 9, 8, 4), (3, 3, 3), (2, 2, 2), ((0, 1), (0, 1), (0, 1)), 1),   # AE downsample (pad end, stride 2)
@@ -34,11 +42,7 @@ def test_depth_taps_equal_xla_conv3d(shape, kernel, strides, padding, groups):
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN, feature_group_count=groups)
 
   assert conv._use_depth_taps(x, w, strides, None, None, DN)  # the CPU path is the one under test
-  np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
-  g_ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), argnums=(0, 1))(x, w)
-  g_xla = jax.grad(lambda x, w: jnp.sum(jnp.sin(xla(x, w))), argnums=(0, 1))(x, w)
-  for a, b in zip(g_ours, g_xla):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert_same_values_and_gradients(ours, xla, x, w)
 
 
 def test_other_layouts_fall_through_to_xla():
@@ -69,11 +73,7 @@ def test_depth_blocks_equal_xla_conv3d(r, shape, kernel, padding, hw_strides):
   w = jax.random.normal(kw, kernel + (shape[-1], 5), jnp.float32)
   ours = lambda x, w: conv.depth_blocked_conv(x, w, padding, r, hw_strides)
   xla = lambda x, w: jax.lax.conv_general_dilated(x, w, (1,) + hw_strides, padding, dimension_numbers=DN)
-  np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
-  g_ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(ours(x, w))), argnums=(0, 1))(x, w)
-  g_xla = jax.grad(lambda x, w: jnp.sum(jnp.sin(xla(x, w))), argnums=(0, 1))(x, w)
-  for a, b in zip(g_ours, g_xla):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert_same_values_and_gradients(ours, xla, x, w)
 
 
 def test_depth_blocks_go_where_they_were_measured_to_pay():

@@ -160,7 +160,8 @@ def test_representation_encoder_lr_scale_scales_only_encoder_updates():
 
 def test_heldout_metrics_are_logged_and_code_norm_statistics_move(tmp_path):
   """Stage 2 logs its EMA UNet's eps error on validation latents by timestep; stage 3 logs the code-swap gap on
-  validation scans, and with code_norm="batch" its running statistics follow the training batches."""
+  validation scans, its code-norm statistics follow the training batches, and its step-0 state built inside
+  jit (as on the mesh) equals the host-built networks with the stage-2 UNet and the template loaded."""
   c = tiny_config()
   write_shards(tmp_path, with_images=True)
   write_shards(tmp_path, n=4, with_images=True, split="val")
@@ -190,6 +191,19 @@ def test_heldout_metrics_are_logged_and_code_norm_statistics_move(tmp_path):
   m = c.encoder.code_norm_momentum
   np.testing.assert_allclose(float(stats["weight"]), 1 - m ** 2, rtol=1e-5)
   assert float(np.abs(np.asarray(stats["mean"])).max()) > 0 and float(np.asarray(stats["var"]).min()) > 0
+  # The step-0 state built inside jit (as train_stage builds it on the mesh) is the host-built networks'.
+  from ldae_jax.models import build_encoder, build_shift_unet  # pylint: disable=import-outside-toplevel
+  init = jax.jit(spec.init_state)(*spec.init_args)
+  shift = build_shift_unet(c, nnx.Rngs(params=c.seed + 10, dropout=c.seed + 11))
+  representation_stage.load_frozen_unet(shift, c, tmp_path)
+  encoder = build_encoder(c, nnx.Rngs(params=c.seed + 12, dropout=c.seed + 13))
+  encoder.set_template(jnp.asarray(train_images.mean(0)))
+  _, sp, _, s_rest = st.split_model(shift, representation_stage.SHIFT_TRAINABLE)
+  _, ep, _, e_rest = st.split_model(encoder)
+  host = {"params": {"shift": sp, "encoder": ep}, "rest": {"shift": s_rest, "encoder": e_rest}}
+  for part in ("params", "rest"):
+    for a, b in zip(jax.tree.leaves(getattr(init, part)), jax.tree.leaves(host[part]), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
 def test_ldm_plateau_note():

@@ -28,22 +28,34 @@ from ldae_jax.training import common
 from ldae_jax.training import state as st
 from ldae_jax.workdir import LDM, REPRESENTATION, Workdir
 
+PyTree = Any
 NAME = REPRESENTATION
 HELDOUT_SCANS = 16  # validation scans the code-use gap is measured on at every log step
 HELDOUT_TIMESTEPS = (100, 250, 475, 700)
 SHIFT_TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("unet")))
 
 
-def load_frozen_unet(shift_unet: nnx.Module, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> int:
-  """Copies the stage-2 EMA UNet into `shift_unet.unet`; returns the stage-2 step. Errors name path and fix."""
-  current = nnx.state(shift_unet.unet, nnx.Param)
-  w = checkpoint.restore_ema_weights(
-      Workdir(workdir).checkpoints(LDM), nnx.to_pure_dict(current), what="stage-2 UNet weights",
+def _put_params(module: nnx.Module, params: PyTree) -> None:
+  """Sets `module`'s parameters from a pure dict of them (host arrays, or traced ones inside jit)."""
+  current = nnx.state(module, nnx.Param)
+  nnx.replace_by_pure_dict(current, params)
+  nnx.update(module, current)
+
+
+def frozen_unet_weights(unet_params: PyTree, config: ml_collections.ConfigDict,
+                        workdir: str | os.PathLike) -> checkpoint.StageWeights:
+  """The stage-2 EMA UNet for the abstract (or real) parameter tree `unet_params`. Errors name path and fix."""
+  return checkpoint.restore_ema_weights(
+      Workdir(workdir).checkpoints(LDM), unet_params, what="stage-2 UNet weights",
       missing_fix=(f"train stage 2 first (python train.py --config ... --workdir {workdir} --config.stage=ldm) or "
                    "point --workdir at a run that has it"),
       mismatch_fix="use the config (config.unet / config.autoencoder) stage 2 was trained with, or retrain stage 2")
-  nnx.replace_by_pure_dict(current, w.params)
-  nnx.update(shift_unet.unet, current)
+
+
+def load_frozen_unet(shift_unet: nnx.Module, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> int:
+  """Copies the stage-2 EMA UNet into `shift_unet.unet`; returns the stage-2 step."""
+  w = frozen_unet_weights(nnx.to_pure_dict(nnx.state(shift_unet.unet, nnx.Param)), config, workdir)
+  _put_params(shift_unet.unet, w.params)
   return w.step
 
 
@@ -141,20 +153,34 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
                      "image beside each latent: rerun the `latents` stage with it on.")
   shape = latents.check_latent_shape(config, meta, str(sdir))
   scale = latents.scale_factor(config, meta, str(sdir))
-  shift_unet = build_shift_unet(config, nnx.Rngs(params=config.seed + 10, dropout=config.seed + 11))
-  ldm_step = load_frozen_unet(shift_unet, config, workdir)
-  encoder = build_encoder(config, nnx.Rngs(params=config.seed + 12, dropout=config.seed + 13))
-  init_backbone(encoder, config.encoder.pretrained_convnext)
-  if config.encoder.code_norm == "template":
-    encoder.set_template(jnp.asarray(shards.field_mean(sdir, "image")))
-  s_def, sp, s_rngs, s_rest = st.split_model(shift_unet, SHIFT_TRAINABLE)
-  e_def, ep, e_rngs, e_rest = st.split_model(encoder)
+  build_shift = lambda: build_shift_unet(config, nnx.Rngs(params=config.seed + 10, dropout=config.seed + 11))
+  build_enc = lambda: build_encoder(config, nnx.Rngs(params=config.seed + 12, dropout=config.seed + 13))
+  s_def, _, s_rngs, _ = st.abstract_model(build_shift, SHIFT_TRAINABLE)
+  e_def, _, e_rngs, _ = st.abstract_model(build_enc)
+  # What comes from files is read here, on the host; init_state builds everything else on the mesh.
+  frozen = frozen_unet_weights(nnx.to_pure_dict(nnx.state(nnx.eval_shape(build_shift).unet, nnx.Param)),
+                               config, workdir)
+  template = (np.asarray(shards.field_mean(sdir, "image"), np.float32)
+              if config.encoder.code_norm == "template" else None)
+  pretrained = None
+  if config.encoder.pretrained_convnext:  # the converter fills a module: take the encoder's parameters from one
+    host_encoder = build_enc()
+    init_backbone(host_encoder, config.encoder.pretrained_convnext)
+    pretrained = nnx.to_pure_dict(nnx.state(host_encoder, nnx.Param))
   tx = make_optimizer(cfg)
 
-  # The networks are built on the host here (the frozen UNet, the template and a pretrained backbone are
-  # loaded into them from files); the optimizer moments and the EMA are created on the mesh.
-  def init_state(params, rest):
-    return st.create_state(params, rest, tx, seed=config.seed + 14, with_ema=cfg.ema_decay > 0)
+  def init_state(unet_params, template_image, encoder_params):
+    shift_unet = build_shift()
+    _put_params(shift_unet.unet, unet_params)
+    encoder = build_enc()
+    if encoder_params is not None:
+      _put_params(encoder, encoder_params)
+    if template_image is not None:
+      encoder.set_template(template_image)
+    _, sp, _, s_rest = st.split_model(shift_unet, SHIFT_TRAINABLE)
+    _, ep, _, e_rest = st.split_model(encoder)
+    return st.create_state({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest}, tx,
+                           seed=config.seed + 14, with_ema=cfg.ema_decay > 0)
 
   sched = make_schedule(config.diffusion)
   gbs = int(cfg.batch_size) * int(cfg.grad_accum)
@@ -169,15 +195,14 @@ def build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> comm
     val = None
   heldout = None if val is None else make_heldout_code_use_fn(s_def, s_rngs, e_def, e_rngs, sched, scale, val)
   return common.StageSpec(
-      name=NAME, init_state=init_state,
-      init_args=({"shift": sp, "encoder": ep}, {"shift": s_rest, "encoder": e_rest}),
+      name=NAME, init_state=init_state, init_args=(frozen.params, template, pretrained),
       step_fn=make_step(s_def, s_rngs, e_def, e_rngs, tx, sched, scale, cfg,
                         code_norm_enabled=config.encoder.code_norm == "template"),
       make_iterator=make_iterator,
       batch_shapes={"mu": jax.ShapeDtypeStruct((gbs,) + shape, jnp.float32),
                     "image": jax.ShapeDtypeStruct(image_shape, jnp.float32)},
       samples_per_step=gbs,
-      extra_summary={"scale_factor": scale, "ldm_step": ldm_step, "train_records": int(meta["count"]),
+      extra_summary={"scale_factor": scale, "ldm_step": frozen.step, "train_records": int(meta["count"]),
                      "ema_per_microbatch": bool(cfg.reference_ema_per_microbatch)},
       heldout_fn=heldout)
 
