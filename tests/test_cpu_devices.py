@@ -65,7 +65,7 @@ def test_configure_after_backend_start_leaves_devices_alone():
 
 def _devices_in_fresh_process(cpu_devices_value: int, xla_flags: str = "") -> dict:
   code = textwrap.dedent(f"""
-      import json, jax
+      import json, os, jax
       from ldae_jax import config as cfglib
       from ldae_jax.parallel import cpu_devices
       c = cfglib.default_config()
@@ -73,7 +73,8 @@ def _devices_in_fresh_process(cpu_devices_value: int, xla_flags: str = "") -> di
         c.train[name].batch_size, c.train[name].grad_accum = 12, 1
       c.mesh.cpu_devices = {cpu_devices_value}
       n = cpu_devices.configure(c)
-      print(json.dumps({{"set": n, "devices": jax.device_count(), "cores": cpu_devices.available_cores()}}))
+      print(json.dumps({{"set": n, "devices": jax.device_count(), "cores": cpu_devices.available_cores(),
+                        "xla_flags": os.environ.get("XLA_FLAGS", "")}}))
   """)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, "XLA_FLAGS": xla_flags}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
@@ -83,10 +84,23 @@ def _devices_in_fresh_process(cpu_devices_value: int, xla_flags: str = "") -> di
 
 def test_configure_sets_the_backend_device_count_before_start():
   got = _devices_in_fresh_process(3)
-  assert got == {"set": 3, "devices": 3, "cores": got["cores"]}
+  assert {k: got[k] for k in ("set", "devices")} == {"set": 3, "devices": 3}
+  # the backend started with the raised collective limits (an unknown XLA flag would have aborted it)
+  assert all(f in got["xla_flags"].split() for f in cpu_devices.COLLECTIVE_TIMEOUT_FLAGS)
   auto = _devices_in_fresh_process(0)
   expected = cpu_devices.resolve(0, cores=auto["cores"], batches=[12])
   assert auto["set"] == expected and auto["devices"] == expected
+
+
+def test_collective_timeouts_keep_the_users_flags():
+  env = {"XLA_FLAGS": "--xla_cpu_collective_call_terminate_timeout_seconds=5 --xla_dump_to=/tmp/d"}
+  cpu_devices.add_collective_timeouts(env)
+  flags = env["XLA_FLAGS"].split()
+  assert flags[:2] == ["--xla_cpu_collective_call_terminate_timeout_seconds=5", "--xla_dump_to=/tmp/d"]
+  assert sum("terminate_timeout" in f for f in flags) == 1 and any("warn_stuck" in f for f in flags)
+  empty = {}
+  cpu_devices.add_collective_timeouts(empty)
+  assert empty["XLA_FLAGS"].split() == list(cpu_devices.COLLECTIVE_TIMEOUT_FLAGS)
 
 
 def test_configure_keeps_the_users_xla_flag():

@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)  # shown by the CLIs (ldae_jax.cli.common.setu
 
 TRAINING_STAGES = ("autoencoder", "ldm", "representation")
 _XLA_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# XLA:CPU aborts the process when the devices of one host do not all reach a collective within 40 s. A
+# quickstart LDM run on 2 devices of the 2-core box died that way once at step ~560 of 1,000 (2026-12-04, one
+# of five 2-device quickstarts); a host whose cores are shared can stall a device thread that long, so the
+# limits are raised to what a stalled step, not a deadlock, could need.
+COLLECTIVE_TIMEOUT_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
+                            "--xla_cpu_collective_call_terminate_timeout_seconds=900")
 
 
 def available_cores() -> int:
@@ -68,6 +74,14 @@ def user_set_count(env: Mapping[str, str] | None = None) -> bool:
   return _XLA_COUNT_FLAG in env.get("XLA_FLAGS", "") or int(jax.config.jax_num_cpu_devices) >= 0
 
 
+def add_collective_timeouts(env) -> None:
+  """Appends COLLECTIVE_TIMEOUT_FLAGS to env['XLA_FLAGS'] (read when the backend starts), keeping the user's own."""
+  flags = env.get("XLA_FLAGS", "")
+  extra = [f for f in COLLECTIVE_TIMEOUT_FLAGS if f.split("=")[0] not in flags]
+  if extra:
+    env["XLA_FLAGS"] = " ".join([flags] + extra).strip()
+
+
 def configure(config: Any, env: Mapping[str, str] | None = None) -> int | None:
   """Sets `jax_num_cpu_devices` from `config.mesh.cpu_devices`; returns the count set, or None when it was
   left alone (chosen by the user, or the backend already running). Call before anything touches a device."""
@@ -80,6 +94,8 @@ def configure(config: Any, env: Mapping[str, str] | None = None) -> int | None:
   n = resolve(requested, available_cores(), batch_sizes(config), processes if processes > 0 else 1)
   try:
     jax.config.update("jax_num_cpu_devices", n)
+    if n > 1:
+      add_collective_timeouts(os.environ)
   except RuntimeError:  # the backend already started (an interactive session, a test): its devices stay
     log.info("CPU devices: the JAX backend already started; config.mesh.cpu_devices=%d not applied", requested)
     return None
