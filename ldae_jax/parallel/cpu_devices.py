@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)  # shown by the CLIs (ldae_jax.cli.common.setu
 TRAINING_STAGES = ("autoencoder", "ldm", "representation")
 _XLA_COUNT_FLAG = "--xla_force_host_platform_device_count"
 # XLA:CPU aborts the process when the devices of one host do not all reach a collective within 40 s. A
-# quickstart LDM run on 2 devices of the 2-core box died that way once at step ~560 of 1,000 (2026-12-04, one
-# of five 2-device quickstarts); a host whose cores are shared can stall a device thread that long, so the
+# quickstart LDM run on 2 devices of the 2-core box died that way once at step ~560 of 1,000 (2026-12-04, the
+# first abort in six 2-device runs; benchmarks/RESULTS.md); a host whose cores are shared can stall a device thread that long, so the
 # limits are raised to what a stalled step, not a deadlock, could need.
 COLLECTIVE_TIMEOUT_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
                             "--xla_cpu_collective_call_terminate_timeout_seconds=900")
