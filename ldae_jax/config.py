@@ -97,6 +97,13 @@ def default_config() -> ml_collections.ConfigDict:
   # Compute: parameters stay float32; activations in `compute_dtype`.
   c.compute_dtype = "float32"  # "bfloat16" on accelerators
   c.remat = False  # rematerialise each ResBlock / ConvNeXt block in the backward pass
+  # Trace this many steps of each trained stage with jax.profiler (after its first step, so neither the compile
+  # nor the warm-up is in it) into DIR/<stage>/profile/process_<i>/; TensorBoard's profile plugin or Perfetto
+  # reads it. 0 = off.
+  c.profile_steps = 0
+  # A folder for JAX's persistent compilation cache: a rerun, a resume or the evaluation after training loads
+  # the compiled steps instead of compiling them again. Empty = off.
+  c.compilation_cache_dir = ""
 
   # ---------------------------------------------------------------- diffusion
   c.diffusion = ml_collections.ConfigDict()
@@ -248,6 +255,7 @@ def _validate_ranges(config: ml_collections.ConfigDict) -> None:
   for field in ("kl_weight", "adv_weight"):
     _check(config, f"train.autoencoder.{field}", non_negative, ">= 0")
   _check(config, "train.representation.encoder_lr_scale", positive, "> 0 (1 = the reference's one learning rate)")
+  _check(config, "profile_steps", non_negative, "an integer >= 0 (0 = no profiler trace)")
   _check(config, "mesh.cpu_devices", non_negative, "an integer >= 0 (0 = one CPU device per core)")
   _check(config, "train.latents_batch_size", at_least_one, "an integer >= 1")
   _check(config, "train.latents_records_per_shard", at_least_one, "an integer >= 1")

@@ -7,6 +7,7 @@
   DIR/<stage>/                  one folder per stage (STAGES)
     checkpoints/<step>/         orbax checkpoints of a trained stage (training.checkpoint)
     metrics.jsonl, events/      logged metrics and TensorBoard events (training.loop)
+    profile/process_<i>/        a jax.profiler trace of config.profile_steps steps, when asked for (training.loop)
     summary.json                written last: its presence means "stage complete"
   DIR/latents/shards/<split>/   the latent shards of train, val and test (training.latents_stage); while that
                                 stage runs, .<split>.part-<process>/ holds what each process encoded
@@ -34,6 +35,7 @@ SPLITS = ("train", "val", "test")  # train first: the latents stage takes the sc
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 EVENTS = "events"
+PROFILE = "profile"
 SUMMARY = "summary.json"
 
 

@@ -17,6 +17,7 @@ def test_defaults_are_valid():
 
 @pytest.mark.parametrize("field,value,allowed", [
     ("train.autoencoder.steps", -5, ">= 1"),
+    ("profile_steps", -1, ">= 0"),
     ("train.autoencoder.steps", 0, "config.stage"),  # 0 does not skip a stage: it says how to
     ("train.ldm.batch_size", 0, ">= 1"),
     ("train.representation.grad_accum", 0, ">= 1"),

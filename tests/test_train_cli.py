@@ -37,9 +37,14 @@ def test_paper_config_ldm_stage_runs_tiny(tmp_path):
     for i in range(4):
       w.write(dict(mu=rng.normal(size=(4, 4, 4, 3)).astype(np.float32),
                    logvar=np.zeros((4, 4, 4, 3), np.float32), subject=f"s{i}", scan_id=f"s{i}"))
-  out = _train(tmp_path)
+  cache = tmp_path / "jax_cache"
+  out = _train(tmp_path, "--config.profile_steps=1", f"--config.compilation_cache_dir={cache}")
   assert out.returncode == 0, out.stderr[-4000:]
   assert "[ldm] done: 3 steps" in out.stdout
+  # One traced step after the first (compile and warm-up stay out); the compiled programs land in the cache.
+  assert "profiler trace of steps 2-2" in out.stdout
+  assert list((tmp_path / "ldm" / "profile" / "process_0").glob("plugins/profile/*/*.xplane.pb"))
+  assert any(cache.iterdir())
   # The package's INFO lines show by default (libraries' do not); a non-terminal gets plain progress lines.
   assert "compiled ldm step in" in out.stderr and "saving checkpoint 3 to" in out.stderr
   assert "\r" not in out.stderr and "[ldm] step 2/3: loss" in out.stdout

@@ -48,6 +48,19 @@ def setup_logging(verbosity_given: bool) -> None:
   ours.propagate = False  # not twice through absl's root handler
 
 
+def use_compilation_cache(config) -> None:
+  """Points JAX's persistent compilation cache at `config.compilation_cache_dir` when it is set (created if
+  missing), so that a rerun, a resume or the evaluation loads its compiled programs instead of compiling again."""
+  folder = str(config.compilation_cache_dir)
+  if not folder:
+    return
+  import os  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  folder = os.path.abspath(os.path.expanduser(folder))
+  os.makedirs(folder, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+
+
 def run_reporting_user_errors(fn: Callable[[], Any], *, verbose: bool, cleanup: Callable[[], None] | None = None):
   """Runs `fn`; a user error prints one `error: ...` line and exits with status 2 (the traceback only with
   `verbose`). `cleanup` runs on any failure (e.g. removing the empty folders the run created)."""

@@ -53,6 +53,7 @@ def main(argv):
     cfglib.validate(config)
     from ldae_jax.parallel import cpu_devices  # pylint: disable=import-outside-toplevel
     cpu_devices.configure(config)  # before anything starts the backend
+    common.use_compilation_cache(config)
     if mode == "throughput":
       report.run_throughput(config, _DAE.value, batch=_BATCH.value, steps=_STEPS.value,
                             peak_tflops=_PEAK.value or None, workdir=_WORKDIR.value or None)

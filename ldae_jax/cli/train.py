@@ -37,6 +37,7 @@ def main(argv):
     validate(config)
     from ldae_jax.parallel import cpu_devices  # pylint: disable=import-outside-toplevel
     cpu_devices.configure(config)  # before anything starts the backend
+    common.use_compilation_cache(config)
     from ldae_jax.parallel.distributed import maybe_initialize  # pylint: disable=import-outside-toplevel
     maybe_initialize(config.distributed)
     from ldae_jax.training import pipeline  # pylint: disable=import-outside-toplevel

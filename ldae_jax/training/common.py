@@ -125,6 +125,7 @@ def train_stage(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
         ckpt=ckpt, total_steps=int(cfg.steps), log_every=max(1, int(cfg.log_every)),
         checkpoint_every=max(1, int(cfg.checkpoint_every)), samples_per_step=spec.samples_per_step,
         compile_seconds=compiled.seconds, start_step=start, stop_at=stop_at, heldout_fn=heldout,
+        profile_steps=int(config.profile_steps),
         extra_summary={"mesh": dict(mesh.shape), "num_devices": int(mesh.devices.size),
                        "trainable_parameters": count_params(state.params), **spec.extra_summary})
   finally:

@@ -86,12 +86,38 @@ def _progress(total: int, initial: int, desc: str):
   return progress.bar(total=total, initial=initial, desc=desc)
 
 
+class _StepTrace:
+  """A jax.profiler trace of steps `first .. last-1`: it starts before step `first` and stops before step `last`
+  (or when the loop ends), each time after the previous steps' work has finished, so the trace holds whole steps."""
+
+  def __init__(self, stage_dir: pathlib.Path, first: int, last: int):
+    self.dir = stage_dir / layout.PROFILE / f"process_{jax.process_index()}"
+    self.first, self.last, self.running = first, last, False
+
+  def before(self, step: int, state: PyTree) -> None:
+    if step == self.first and self.first < self.last:
+      jax.block_until_ready(state)
+      self.dir.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self.dir))
+      self.running = True
+    elif step == self.last:
+      self.stop(state)
+
+  def stop(self, state: PyTree) -> None:
+    if self.running:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.running = False
+      print(f"profiler trace of steps {self.first + 1}-{self.last} -> {self.dir}", flush=True)
+
+
 def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyTree, PyTree], tuple[PyTree, dict]],
               state: PyTree, iterator: Iterator, to_device: Callable[[Any], PyTree], ckpt: Checkpointer,
               total_steps: int, log_every: int, checkpoint_every: int, samples_per_step: int,
               compile_seconds: float, start_step: int, stop_at: int | None = None,
               extra_summary: dict[str, Any] | None = None,
-              heldout_fn: Callable[[PyTree], dict] | None = None) -> tuple[PyTree, dict[str, Any] | None]:
+              heldout_fn: Callable[[PyTree], dict] | None = None,
+              profile_steps: int = 0) -> tuple[PyTree, dict[str, Any] | None]:
   """Runs steps `start_step .. total_steps-1`; returns (state, summary) (summary None when stopped early).
 
   Args:
@@ -102,6 +128,8 @@ def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyT
       used by the resume tests.
     heldout_fn: `state -> {name: scalar}` on a fixed held-out batch, run at every log step; its values are
       logged as `heldout_<name>` and the last ones go into the summary.
+    profile_steps: trace this many steps with jax.profiler into `stage_dir/profile/process_<i>`, starting
+      after the first step of this run (its compile and warm-up stay out of the trace); 0 = no trace.
   """
   stage_dir = pathlib.Path(stage_dir)
   writer = MetricsWriter(stage_dir, resume_step=start_step)
@@ -112,8 +140,11 @@ def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyT
   last: dict[str, float] = {}
   samples_per_s = float("nan")
   step = start_step
+  trace = _StepTrace(stage_dir, start_step + 1, min(start_step + 1 + profile_steps, end)) if profile_steps else None
   try:
     for step in range(start_step, end):
+      if trace is not None:
+        trace.before(step, state)
       batch = to_device(next(iterator))
       state, metrics = step_fn(state, batch)
       n_window += 1
@@ -141,6 +172,8 @@ def run_steps(*, name: str, stage_dir: str | os.PathLike, step_fn: Callable[[PyT
       if done % checkpoint_every == 0 or done == end:
         ckpt.save(done, state, iterator)
   finally:
+    if trace is not None:
+      trace.stop(state)
     bar.close()
     writer.close()
   wall = time.perf_counter() - t_start
