@@ -75,3 +75,19 @@ def test_user_errors_are_one_line_without_traceback_and_leave_no_folders(tmp_pat
   assert not wd.exists()  # the failed latents run made its folders and removed them again
   verbose = _train(wd, "--config.train.ldm.steps=-5", "--verbose")
   assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+
+
+def test_only_process_0_prints(monkeypatch, capsys):
+  """Stage and progress lines go to stdout on process 0 only; other processes keep stderr for their errors."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ldae_jax.cli import common  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(sys, "stdout", sys.stdout)  # restored after the test
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  common.print_on_first_process_only()
+  print("from process 0")
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  common.print_on_first_process_only()
+  print("from process 1")
+  print("error on process 1", file=sys.stderr)
+  out = capsys.readouterr()
+  assert out.out == "from process 0\n" and out.err == "error on process 1\n"

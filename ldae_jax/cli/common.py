@@ -48,6 +48,17 @@ def setup_logging(verbosity_given: bool) -> None:
   ours.propagate = False  # not twice through absl's root handler
 
 
+def print_on_first_process_only() -> None:
+  """Sends the standard output of every process but process 0 to os.devnull, so that a multi-host run prints
+  its progress and stage lines once, not once per host; standard error (warnings, errors) stays on each.
+  Call it after jax.distributed is initialised."""
+  import os  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:
+    sys.stdout.flush()
+    sys.stdout = open(os.devnull, "w")  # pylint: disable=consider-using-with
+
+
 def use_compilation_cache(config) -> None:
   """Points JAX's persistent compilation cache at `config.compilation_cache_dir` when it is set (created if
   missing), so that a rerun, a resume or the evaluation loads its compiled programs instead of compiling again."""

@@ -40,6 +40,7 @@ def main(argv):
     common.use_compilation_cache(config)
     from ldae_jax.parallel.distributed import maybe_initialize  # pylint: disable=import-outside-toplevel
     maybe_initialize(config.distributed)
+    common.print_on_first_process_only()
     from ldae_jax.training import pipeline  # pylint: disable=import-outside-toplevel
     pipeline.run(config, _WORKDIR.value)
     print(f"outputs: {_WORKDIR.value}", flush=True)
