@@ -105,7 +105,10 @@ class _StepTrace:
 
   def stop(self, state: PyTree) -> None:
     if self.running:
-      jax.block_until_ready(state)
+      try:
+        jax.block_until_ready(state)
+      except RuntimeError:  # a step that failed may have donated the state's buffers: stop the trace anyway
+        pass
       jax.profiler.stop_trace()
       self.running = False
       print(f"profiler trace of steps {self.first + 1}-{self.last} -> {self.dir}", flush=True)
