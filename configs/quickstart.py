@@ -1,4 +1,4 @@
-"""Whole LDAE pipeline on a small synthetic cohort, sized for a 2-core CPU (~35 min training, ~6 min evaluation).
+"""Whole LDAE pipeline on a small synthetic cohort, sized for a 2-core CPU (~28-36 min training, ~5-6 min evaluation).
 
 576 synthetic subjects (~2,000 scans) resampled to 6 mm (32x40x32), with the age/disease atrophy exaggerated 3x
 so that it spans whole voxels; the autoencoder downsamples x4 (latent 8x10x8x3); the UNet and the ConvNeXt
