@@ -1,9 +1,10 @@
 """Where a traced step's time goes: a jax.profiler trace summed by kind of XLA operation.
 
 Reads the newest `*.trace.json.gz` under FOLDER (what `--config.profile_steps=N` writes into
-`DIR/<stage>/profile/process_<i>/`, or any `jax.profiler.trace` folder) and prints, per traced step and per
-step, summed over the threads that ran them, the time of each kind of operation: a fusion's name without its number (`ynn_fusion` for the
-convolutions XLA's CPU backend hands to YNNPACK, `transpose_copy_fusion`, `all-reduce`, ...), busiest first.
+`DIR/<stage>/profile/process_<i>/`, or any `jax.profiler.trace` folder) and prints, per traced step and summed
+over the threads that ran them, the time of each kind of operation: a fusion's name without its number
+(`ynn_fusion` for the convolutions XLA's CPU backend hands to YNNPACK, `transpose_copy_fusion`, `all-reduce`,
+...), busiest first.
 Runtime bookkeeping events (thunk executor, Python frames, waits for completion) are left out.
 
   python train.py --config configs/quickstart.py --workdir W --config.stage=ldm \
