@@ -12,8 +12,12 @@ the stage's training batch), each timed forward and forward+backward as
     convolution, `conv.depth_blocked_conv`; 1 is the plain depth fold; the code picks r by `conv.depth_block`).
 GFLOP/s count 2 * MACs of the convolution (x3 for forward+backward); GroupNorm reports GB/s of its input. The
 semantic encoder is traced too but records nothing: it runs 2D convolutions over slices and LayerNorm.
-Part `nets`: the project's own UNet forward and train steps (LDM, AE+discriminator, stage 3), and a PyTorch
-re-implementation of the UNet ResBlock at the same shapes.
+Part `nets`: the project's own UNet forward and train steps (LDM, AE+discriminator, stage 3), a PyTorch
+re-implementation of the UNet ResBlock at the same shapes, and the whole reference UNet in PyTorch
+(`torch_unet.py`, checked against the project's UNet on shared weights): its forwards and LDM train steps.
+Same-box comparison of the UNet (torch on 2 threads, JAX on 2 CPU devices, as train.py runs):
+
+    python3 benchmarks/cpu_ops.py --part nets --nets unet_forward,ldm_train,torch_unet --threads 2 --cpu_devices 2
 
     taskset -c 1 python3 benchmarks/cpu_ops.py --part all --threads 1
 
@@ -49,7 +53,8 @@ from ldae_jax.evaluation.throughput import host_cpu_model  # noqa: E402
 from ldae_jax.models import conv as convlib, layers  # noqa: E402
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
-NET_WORKLOADS = ("unet_forward", "ldm_train", "autoencoder_train", "encoder_train", "stage3_train", "torch_resblock")
+NET_WORKLOADS = ("unet_forward", "ldm_train", "autoencoder_train", "encoder_train", "stage3_train", "torch_resblock",
+                 "torch_unet")
 
 
 
@@ -400,7 +405,62 @@ def run_nets(config, torch, repeats: int, only: set[str] | None = None) -> dict:
                       "image": jax.random.uniform(jax.random.key(7), (b,) + img)}, b)
   if torch is not None and want("torch_resblock"):
     out["torch_resblock"] = torch_resblocks(torch, config, repeats)
+  if torch is not None and want("torch_unet"):
+    out["torch_unet"] = torch_unet_workloads(torch, config, repeats)
   return out
+
+
+def torch_unet_workloads(torch, config, repeats: int) -> dict:
+  """The reference UNet in PyTorch (`torch_unet.py`, checked against the project's UNet first): forwards at
+  batch 1, 2, 16 and the LDM train step (eps-MSE, global-norm clip, Adam, EMA: the reference's step) at
+  batch 2 and 16, in contiguous NCDHW and channels-last-3d memory formats, on `torch.get_num_threads()` threads."""
+  import torch_unet  # pylint: disable=g-import-not-at-top  (benchmarks/, next to this script)
+  from ldae_jax.diffusion import schedule as schedule_lib  # pylint: disable=g-import-not-at-top
+  F = torch.nn.functional
+  res = {"max_rel_diff_to_project": torch_unet.check_against_project(config)}
+  print(f"torch UNet vs ldae_jax UNet, same weights: max relative difference {res['max_rel_diff_to_project']:.2e}",
+        flush=True)
+  lat = cfglib.latent_shape(config)
+  shape = (lat[-1],) + tuple(lat[:3])
+  abar = torch.tensor(schedule_lib.tables_f64(config.diffusion)["alphas_cumprod"], dtype=torch.float32)
+  cfg = config.train.ldm
+  for fmt_name, fmt in (("ncdhw", torch.contiguous_format), ("channels_last_3d", torch.channels_last_3d)):
+    torch.manual_seed(0)
+    net = torch_unet.from_config(config).to(memory_format=fmt)
+    for b in (1, 2, 16):
+      x = torch.randn(b, *shape).contiguous(memory_format=fmt)
+      t = torch.full((b,), 500)
+
+      def fwd():
+        with torch.inference_mode():
+          net.eval()(x, t)
+
+      sec = torch_time(fwd, repeats * 3)
+      res[f"forward_b{b}_{fmt_name}_ms"] = sec * 1e3
+      print(f"torch unet_forward_b{b} ({fmt_name}): {sec * 1e3:8.2f} ms  {b / sec:7.2f} samples/s", flush=True)
+    params = list(net.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps, foreach=True)
+    ema = [p.detach().clone() for p in params]
+    for b in (2, 16):
+      x0 = torch.randn(b, *shape).contiguous(memory_format=fmt)
+
+      def step():
+        net.train()
+        t = torch.randint(0, len(abar), (b,))
+        noise = torch.randn_like(x0)
+        a = abar[t].view(-1, 1, 1, 1, 1)
+        loss = F.mse_loss(net(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm, foreach=True)
+        opt.step()
+        with torch.no_grad():
+          torch._foreach_lerp_(ema, params, 1 - cfg.ema_decay)  # pylint: disable=protected-access
+
+      sec = torch_time(step, repeats)
+      res[f"ldm_train_b{b}_{fmt_name}_ms"] = sec * 1e3
+      print(f"torch ldm_train_b{b} ({fmt_name}): {sec * 1e3:8.2f} ms  {b / sec:7.2f} samples/s", flush=True)
+  return res
 
 
 def torch_resblocks(torch, config, repeats: int) -> dict:
