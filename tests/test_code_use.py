@@ -88,3 +88,14 @@ def test_swap_losses_off_matches_the_pdae_loss_with_zero_shift(sched):
     np.testing.assert_allclose(float(out["own"][i]), float(want), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(out["eps_mse"]), 0.25 * np.mean(np.square(noise), axis=(1, 2, 3, 4)),
                              rtol=1e-6)
+
+
+def test_g_gain_is_on_the_summed_loss_not_ruled_by_a_tiny_late_timestep():
+  # G halves the loss at t = 100 and triples a ~1e-5 loss at t = 900: a mean of per-t ratios would read -75 %.
+  n = 4
+  per_t = {"off": (1.0, 1e-5), "own": (0.5, 3e-5), "other": (0.6, 3e-5), "mean": (0.6, 3e-5), "eps_mse": (1.0, 1e-5),
+           "g_rms": (1.0, 1.0), "g_swap_rms": (0.1, 0.1)}
+  by_t = {k: np.repeat(np.asarray(v, np.float64)[:, None], n, axis=1) for k, v in per_t.items()}
+  s = cu.summarise(by_t, (100, 900), n_boot=10)
+  assert [r["g_gain"] for r in s["by_t"]] == pytest.approx([0.5, -2.0])
+  assert s["g_gain"] == pytest.approx((1.0 + 1e-5 - 0.5 - 3e-5) / (1.0 + 1e-5))

@@ -100,13 +100,21 @@ def relative_gap(other: np.ndarray, own: np.ndarray) -> float:
   return (float(np.mean(other)) - own_m) / own_m
 
 
+def pooled_gain(off, own):
+  """(sum off - sum own) / sum off over timesteps: what G gains on the summed loss. A mean of per-timestep ratios
+  would be ruled by the timesteps where both losses are ~1e-5 (a -200 % "gain" at t = 900 outweighing +15 %
+  at every other t); the sum weighs each timestep by the loss there is to gain. `off`, `own`: (T,) numpy or jax
+  arrays of the mean loss per timestep."""
+  return (off.sum() - own.sum()) / off.sum()
+
+
 def summarise(by_t: dict[str, np.ndarray], timesteps: Sequence[int], *, n_boot: int = 1000,
               seed: int = 0) -> dict[str, Any]:
   """Per-timestep means and gaps, and the gap averaged over timesteps with a 95 % bootstrap interval over scans.
 
   `by_t[key]` is (T, N). `gap_other` / `gap_mean` are (other or mean - own) / own; `g_gain` is (off - own) / off
-  (what G gains over eps_hat alone, with or without the code); `swap_change` is RMS c_t(G_own - G_other) over
-  RMS c_t G_own.
+  (what G gains over eps_hat alone, with or without the code), per timestep and, in the summary, on the loss
+  summed over the timesteps (`pooled_gain`); `swap_change` is RMS c_t(G_own - G_other) over RMS c_t G_own.
   """
   by_t = {k: np.asarray(v, np.float64) for k, v in by_t.items()}
   rows = []
@@ -130,7 +138,7 @@ def summarise(by_t: dict[str, np.ndarray], timesteps: Sequence[int], *, n_boot: 
       "gap_other": mean_gap(np.arange(n)),
       "gap_other_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
       "gap_mean": float(np.mean([r["gap_mean"] for r in rows])),
-      "g_gain": float(np.mean([r["g_gain"] for r in rows])),
+      "g_gain": float(pooled_gain(np.array([r["off"] for r in rows]), np.array([r["own"] for r in rows]))),
       "swap_change": float(np.mean([r["swap_change"] for r in rows])),
       "n_scans": int(n),
   }

@@ -111,7 +111,7 @@ def markdown(res: dict[str, Any]) -> str:
       "",
       f"- loss gap (other subject's code - own) / own, mean over t: **{100 * lo['gap_other']:+.2f} %** "
       f"[95 % interval {100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]; with the mean code {100 * lo['gap_mean']:+.2f} %; "
-      f"what G gains over eps_hat alone: {100 * lo['g_gain']:.1f} %.",
+      f"what G gains over eps_hat alone (own code, loss summed over t): {100 * lo['g_gain']:.1f} %.",
       f"- DDIM-{de['ddim_steps']} decode of the scan's own x_T with another subject's code moves the latent by "
       f"RMS {de['swap_decode_rms']:.4g}; the two subjects' latents differ by {de['subject_rms']:.4g} "
       f"(ratio {de['swap_decode_over_subject']:.3f}).",

@@ -120,7 +120,7 @@ def make_heldout_code_use_fn(s_def, s_rngs, e_def, e_rngs, sched, scale: float, 
   """`state -> {code_gap, g_gain, code_spread}` on fixed validation scans (EMA networks, fixed noise):
 
   code_gap: (loss with another subject's code - with the own code) / own, averaged over HELDOUT_TIMESTEPS;
-  g_gain: (loss with G off - own) / off; code_spread: std of the codes across scans over their RMS. A code the
+  g_gain: (loss with G off - own) / off on the loss summed over the timesteps; code_spread: std of the codes across scans over their RMS. A code the
   decoder ignores shows code_gap ~ 0 from the first log steps on.
   """
   z0 = jnp.asarray(val["mu"], jnp.float32) * scale
@@ -136,7 +136,7 @@ def make_heldout_code_use_fn(s_def, s_rngs, e_def, e_rngs, sched, scale: float, 
     out = code_use.swap_losses_by_t(frozen, shift_fn, z0, y, y[perm], jax.random.key(0), HELDOUT_TIMESTEPS, sched)
     own, other, off = (jnp.mean(out[k], axis=1) for k in ("own", "other", "off"))
     spread = jnp.mean(jnp.std(y, axis=0)) / jnp.sqrt(jnp.mean(jnp.square(y)))
-    return {"code_gap": jnp.mean((other - own) / own), "g_gain": jnp.mean((off - own) / off),
+    return {"code_gap": jnp.mean((other - own) / own), "g_gain": code_use.pooled_gain(off, own),
             "code_spread": spread}
 
   return fn
