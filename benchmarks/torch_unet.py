@@ -77,7 +77,9 @@ class AttentionBlock(nn.Module):
     return x + self.proj_out(a).reshape(b, c, *spatial)
 
 
-class Sequence(nn.ModuleList):
+class TimestepEmbedSequential(nn.ModuleList):
+  """Layers of one block; ResBlocks also get the time embedding (the reference's class of that name)."""
+
   def forward(self, h, emb):
     for layer in self:
       h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
@@ -94,21 +96,21 @@ class UNet(nn.Module):
     self.base = base
     self.time_embed = nn.Sequential(nn.Linear(base, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
     ch = channel_mult[0] * base
-    blocks, skips, ds = [Sequence([nn.Conv3d(in_channels, ch, 3, padding=1)])], [ch], 1
+    blocks, skips, ds = [TimestepEmbedSequential([nn.Conv3d(in_channels, ch, 3, padding=1)])], [ch], 1
     for level, mult in enumerate(channel_mult):
       for _ in range(num_res_blocks):
         layers = [ResBlock(ch, emb_ch, base * mult, groups)]
         ch = base * mult
         if ds in attention_resolutions:
           layers.append(AttentionBlock(ch, groups))
-        blocks.append(Sequence(layers))
+        blocks.append(TimestepEmbedSequential(layers))
         skips.append(ch)
       if level != len(channel_mult) - 1:
-        blocks.append(Sequence([ResBlock(ch, emb_ch, ch, groups, "down")]))
+        blocks.append(TimestepEmbedSequential([ResBlock(ch, emb_ch, ch, groups, "down")]))
         skips.append(ch)
         ds *= 2
     self.input_blocks = nn.ModuleList(blocks)
-    self.middle_block = Sequence([ResBlock(ch, emb_ch, ch, groups), AttentionBlock(ch, groups),
+    self.middle_block = TimestepEmbedSequential([ResBlock(ch, emb_ch, ch, groups), AttentionBlock(ch, groups),
                                   ResBlock(ch, emb_ch, ch, groups)])
     blocks = []
     for level, mult in list(enumerate(channel_mult))[::-1]:
@@ -120,7 +122,7 @@ class UNet(nn.Module):
         if level and i == num_res_blocks:
           layers.append(ResBlock(ch, emb_ch, ch, groups, "up"))
           ds //= 2
-        blocks.append(Sequence(layers))
+        blocks.append(TimestepEmbedSequential(layers))
     self.output_blocks = nn.ModuleList(blocks)
     self.out = nn.Sequential(_norm(ch, groups), nn.SiLU(), nn.Conv3d(ch, in_channels, 3, padding=1))
 
