@@ -74,8 +74,8 @@ def main() -> None:
       ms = median_ms(f, x, g)
       row.append(f"{name} {ms:.1f} ({gflop / ms * 1e3:.0f})")
     fwd = median_ms(conv, x, jax.random.normal(jax.random.key(2), (3, 3, k, o)))
-    print(f"{n}x{h}x{w}, {k}->{o} ({gflop:.2f} GFLOP): " + ", ".join(row) + f"; forward {fwd:.1f} ({gflop / fwd * 1e3:.0f})",
-          flush=True)
+    print(f"{n}x{h}x{w}, {k}->{o} ({gflop:.2f} GFLOP): " + ", ".join(row)
+          + f"; forward {fwd:.1f} ({gflop / fwd * 1e3:.0f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The reference's stage-2 UNet in PyTorch (guided-diffusion layout, ../shared/reference/ldae_reference.md 1.3),
-for same-box speed comparisons only: `cpu_ops.py --nets torch_unet` times it beside the project's UNet.
+"""The reference's stage-2 UNet in PyTorch (guided-diffusion layout; the reference spec's section 1.3), for
+same-box speed comparisons only: `cpu_ops.py --nets torch_unet` times it beside the project's UNet.
 
 Written from the spec, with the reference's state-dict keys (`input_blocks.4.0.in_layers.2.weight`, ...), so that
 `ldae_jax.convert.unet.convert` loads its weights into `ldae_jax.models.UNet` and `check_against_project` can

@@ -103,8 +103,8 @@ def relative_gap(other: np.ndarray, own: np.ndarray) -> float:
 def pooled_gain(off, own):
   """(sum off - sum own) / sum off over timesteps: what G gains on the summed loss. A mean of per-timestep ratios
   would be ruled by the timesteps where both losses are ~1e-5 (on the seed-0 quickstart: -207 % at t = 900
-  against +0.5 ... +38 % at t = 25 ... 700, a mean of -18.7 %; summed: +13.0 %); the sum weighs each timestep by the loss there is to gain. `off`, `own`: (T,) numpy or jax
-  arrays of the mean loss per timestep."""
+  against +0.5 ... +38 % at t = 25 ... 700, a mean of -18.7 %; summed: +13.0 %); the sum weighs each timestep
+  by the loss there is to gain. `off`, `own`: (T,) numpy or jax arrays of the mean loss per timestep."""
   return (off.sum() - own.sum()) / off.sum()
 
 

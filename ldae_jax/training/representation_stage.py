@@ -120,8 +120,8 @@ def make_heldout_code_use_fn(s_def, s_rngs, e_def, e_rngs, sched, scale: float, 
   """`state -> {code_gap, g_gain, code_spread}` on fixed validation scans (EMA networks, fixed noise):
 
   code_gap: (loss with another subject's code - with the own code) / own, averaged over HELDOUT_TIMESTEPS;
-  g_gain: (loss with G off - own) / off on the loss summed over the timesteps; code_spread: std of the codes across scans over their RMS. A code the
-  decoder ignores shows code_gap ~ 0 from the first log steps on.
+  g_gain: (loss with G off - own) / off, on the loss summed over the timesteps; code_spread: std of the codes
+  across scans over their RMS. A code the decoder ignores shows code_gap ~ 0 from the first log steps on.
   """
   z0 = jnp.asarray(val["mu"], jnp.float32) * scale
   images = jnp.asarray(val["image"], jnp.float32)
