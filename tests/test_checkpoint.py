@@ -224,6 +224,15 @@ def test_restore_ema_weights_reads_exactly_the_newest_ema(tmp_path):
   assert isinstance(leaf, jax.Array) and not leaf.committed
 
 
+def test_restore_ema_weights_from_a_relative_directory(tmp_path, monkeypatch):
+  # The quickstart's default workdir is relative (runs/quickstart); orbax itself refuses relative paths.
+  saved = _save_state(tmp_path / "ck", with_ema=True)
+  monkeypatch.chdir(tmp_path)
+  w = _restore("ck", {"d": _abstract(saved.params["d"])})
+  assert w.step == 2
+  np.testing.assert_array_equal(np.asarray(w.params["d"]["w"]), np.asarray(saved.ema["d"]["w"]))
+
+
 def test_restore_ema_weights_without_ema_reads_the_parameters(tmp_path):
   saved = _save_state(tmp_path / "ck", with_ema=False)
   w = _restore(tmp_path / "ck", _abstract(saved.params))

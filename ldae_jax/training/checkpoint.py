@@ -149,7 +149,7 @@ def restore_ema_weights(directory: str | os.PathLike, params: PyTree, rest: PyTr
   """
   directory = pathlib.Path(directory)
   step = _newest_step(directory, what=what, missing_fix=missing_fix)
-  item_dir = directory / str(step) / STATE_ITEM
+  item_dir = directory.absolute() / str(step) / STATE_ITEM  # orbax reads absolute paths only
   handler = ocp.PyTreeCheckpointHandler()
   try:
     saved = handler.metadata(item_dir).tree
